@@ -1,0 +1,179 @@
+"""Zero-shot stage-1 scorer: a question with only its text (and optional example snippets).
+
+Generic recipe, applied identically to every question (nothing here knows a question id):
+
+1. Query expansion. The question is rewritten by fixed grammar templates into the forms a
+   matching conversation would contain: "Does the user want to book a hotel room?" becomes
+   "user: I want to book a hotel room", "user: I would like to book a hotel room", ...; a
+   question about the assistant becomes "assistant: ..." / "system: ..." statements.
+   Parenthesised asides are dropped ("(wizard-reported)") and kept as their own hint
+   ("e.g. towels, room cleaning"). The question text itself stays in the set.
+2. Prototype. The expansions (plus ``examples.yes``) are embedded and averaged into one
+   direction; ``examples.no`` are subtracted with half weight. A background direction (the
+   mean of generic dialogue phrasings) is projected out, so chunks are not rewarded merely for
+   sounding like any support chat.
+3. Aggregation. Each chunk's cosine to the prototype; the conversation's score is its best
+   chunk, plus the margin of that chunk over the conversation's own median chunk (an event
+   that stands out in its conversation counts more than a topic that is everywhere).
+4. p_yes. A fixed logistic of the score: monotone, so rankings (ROC-AUC) are the scorer's own;
+   the threshold stays the question's (default 0.5). Without labels there is no calibration.
+
+Question vectors are cached per (question id, version).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from agents.questions import Question
+from agents.types import EmbeddedConversation
+from models.embedder import Embedder
+
+ZS_VERSION = "z2"
+
+_AUX = r"(?:does|did|do|is|was|were|has|have|had|will|would|can|could|should)"
+_USER = r"(?:user|customer|client|caller|guest|patient|buyer)"
+_AGENT = r"(?:assistant|agent|system|wizard|bot|representative|support|operator)"
+_SPEAKER_PREFIX = {"user": ("user",), "agent": ("assistant", "system")}
+
+# Generic support-chat phrasings: their mean is the "sounds like any chat" direction.
+BACKGROUND: tuple[str, ...] = (
+    "user: Hello, I need some help.",
+    "assistant: Hello, how can I help you today?",
+    "user: Thank you, goodbye.",
+    "assistant: Is there anything else I can help you with?",
+    "user: Yes, that's right.",
+    "assistant: Could you confirm the details, please?",
+    "user: No, that's all, thanks.",
+    "assistant: Please wait a moment while I check.",
+    "user: Okay, sounds good.",
+    "system: Your request has been processed.",
+    "user: Can you tell me more?",
+    "assistant: Sure, what is your name?",
+)
+
+# Fixed logistic: the score's scale (cosine units) is similar across questions.
+_MIDPOINT = 0.45
+_SLOPE = 12.0
+_MARGIN_WEIGHT = 0.5
+_NO_WEIGHT = 0.5
+
+
+def _first_person(pred: str) -> str:
+    pred = re.sub(r"\btheir\b", "my", pred)
+    pred = re.sub(r"\bthemselves\b", "myself", pred)
+    pred = re.sub(r"\bthem\b", "me", pred)
+    pred = re.sub(r"\bthey\b", "I", pred)
+    return pred
+
+
+def expand(text: str) -> list[str]:
+    """Statements a conversation answering `text` with yes would contain (deterministic)."""
+    out = [text]
+    asides = re.findall(r"\(([^)]*)\)", text)
+    core = re.sub(r"\s*\([^)]*\)", "", text).strip()
+    core = re.sub(r"\s+", " ", core).rstrip("?.! ")
+    if core and core != text:
+        out.append(core + "?")
+    hints = [re.sub(r"^(?:e\.g\.|i\.e\.|for example|such as)\s*", "", a.strip(), flags=re.I) for a in asides]
+    hints = [h for h in hints if h and not re.search(r"\breported\b", h, re.I)]
+
+    m = re.match(rf"^{_AUX}\s+the\s+({_USER}|{_AGENT})(?:'s)?\s+(.*)$", core, re.I)
+    if m:
+        who = "user" if re.fullmatch(_USER, m.group(1), re.I) else "agent"
+        possessive = core.lower().startswith(f"{core.split()[0].lower()} the {m.group(1).lower()}'s")
+        pred = m.group(2)
+        if who == "user":
+            if possessive:  # "Was the user's task accomplished" -> "my task was accomplished"
+                aux = core.split()[0].lower()
+                pred_words = pred.split()
+                statements = [f"my {pred_words[0]} {aux} {' '.join(pred_words[1:])}".strip()]
+            else:
+                p1 = _first_person(pred)
+                statements = [f"I {p1}"]
+                want = re.match(r"^want(?:s|ed)? to (.*)$", p1, re.I)
+                if want:
+                    statements += [f"I would like to {want.group(1)}", f"Can you help me {want.group(1)}?"]
+                ask = re.match(r"^(?:ask|asks|asked) (?:for|about) (.*)$", p1, re.I)
+                if ask:
+                    statements += [f"Can you give me {ask.group(1)}?", f"Do you have {ask.group(1)}?"]
+                report = re.match(r"^(?:report|reports|reported|say|said|tell|told) (?:that )?(.*)$", p1, re.I)
+                if report:
+                    statements += [report.group(1)]
+            prefixes = _SPEAKER_PREFIX["user"]
+        else:
+            statements = [pred]
+            report = re.match(r"^(?:report|reports|reported|say|said|tell|told|inform\w*)(?: the user)? (?:that )?(.*)$",
+                              pred, re.I)
+            if report:
+                statements = [report.group(1), f"I'm sorry, {report.group(1)}"]
+            prefixes = _SPEAKER_PREFIX["agent"]
+        for s in statements:
+            for pre in prefixes:
+                out.append(f"{pre}: {s}")
+        for h in hints:
+            out.append(f"{prefixes[0]}: {h}")
+    else:
+        out.extend(hints)
+    seen, uniq = set(), []
+    for s in out:
+        if s not in seen:
+            seen.add(s)
+            uniq.append(s)
+    return uniq
+
+
+class SimilarityScorer:
+    decided_by = "similarity"
+
+    def __init__(self, embedder: Embedder) -> None:
+        self._embedder = embedder
+        self._vectors: dict[tuple[str, int], np.ndarray] = {}
+        self._background: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def _bg(self) -> np.ndarray:
+        if self._background is None:
+            v = self._embedder.embed(list(BACKGROUND)).mean(0)
+            self._background = v / np.linalg.norm(v)
+        return self._background
+
+    def prototype(self, question: Question) -> np.ndarray:
+        key = (question.id, question.version)
+        with self._lock:
+            if key not in self._vectors:
+                texts = expand(question.text)
+                if question.query:
+                    texts.append(question.query)
+                pos = self._embedder.embed(texts + list(question.examples.yes))
+                proto = pos.mean(0)
+                if question.examples.no:
+                    proto = proto - _NO_WEIGHT * self._embedder.embed(list(question.examples.no)).mean(0)
+                bg = self._bg()
+                proto = proto - (proto @ bg) * bg
+                self._vectors[key] = (proto / max(np.linalg.norm(proto), 1e-9)).astype(np.float32)
+            return self._vectors[key]
+
+    def scores(self, question: Question, convs: Sequence[EmbeddedConversation]) -> np.ndarray:
+        proto = self.prototype(question)
+        out = np.zeros(len(convs))
+        for i, c in enumerate(convs):
+            if len(c.chunks) == 0:
+                continue
+            s = c.vectors @ proto
+            best = float(s.max())
+            out[i] = best + _MARGIN_WEIGHT * (best - float(np.median(s)))
+        return out
+
+    def p_yes(self, question: Question, convs: Sequence[EmbeddedConversation]) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-_SLOPE * (self.scores(question, convs) - _MIDPOINT)))
+
+    def threshold(self, question: Question) -> float:
+        return question.threshold
+
+    def band(self, question: Question) -> tuple[float, float]:
+        return question.band

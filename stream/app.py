@@ -1,0 +1,112 @@
+"""Wiring: build the pipeline and the service from settings, serve HTTP, handle signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import asyncpg
+from prometheus_client import CollectorRegistry
+
+from agents.cascade import Cascade, LLMStage
+from agents.evidence import PgEvidenceStore, init_connection
+from agents.pipeline import Pipeline
+from agents.questions import QuestionRegistry
+from agents.scoring import Stage1Scorer
+from agents.similarity import SimilarityScorer
+from models.embedder import Embedder, load_embedder
+from stream.config import Settings
+from stream.http import make_app, start_http
+from stream.kafka import ensure_topics
+from stream.metrics import Metrics
+from stream.migrate import migrate
+from stream.service import Service
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Running:
+    service: Service
+    metrics: Metrics
+    http_port: int
+
+
+def load_heads(settings: Settings, embedder: Embedder) -> tuple[dict[str, Stage1Scorer], str]:
+    """Trained heads by id, and a version string for the event's model ids ("none" without heads)."""
+    if settings.models.heads_dir is None:
+        return {}, "none"
+    from agents.heads import load_heads as load
+
+    return load(settings.models.heads_dir, embedder)
+
+
+def load_llm(settings: Settings, metrics: Metrics) -> LLMStage | None:
+    if not settings.models.llm:
+        return None
+    from agents.llm_stage import build_llm_stage
+
+    return build_llm_stage(settings.models.llm, metrics=metrics)
+
+
+async def create_pool(settings: Settings) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        settings.database_url.get_secret_value(), min_size=1, max_size=4, init=init_connection,
+        command_timeout=30,
+    )
+
+
+async def run_service(
+    settings: Settings,
+    *,
+    registry: CollectorRegistry | None = None,
+    on_running: Callable[[Running], Awaitable[None] | None] | None = None,
+    install_signals: bool = True,
+    create_topics: bool = False,
+) -> None:
+    registry = registry or CollectorRegistry()
+    metrics = Metrics(registry)
+    questions = QuestionRegistry(settings.questions_file)
+    # Migrations first, on their own connection: the pool's connections need the vector type.
+    conn = await asyncpg.connect(settings.database_url.get_secret_value())
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    pool = await create_pool(settings)
+    try:
+        if create_topics:
+            t = settings.topics
+            await ensure_topics(settings.kafka, [t.input, t.output, t.dlq], t.partitions)
+        embedder = await asyncio.to_thread(load_embedder, settings.models.embedder)
+        heads, heads_version = await asyncio.to_thread(load_heads, settings, embedder)
+        llm = load_llm(settings, metrics)
+        cascade = Cascade(SimilarityScorer(embedder), heads, llm)
+        pipeline = Pipeline(embedder, PgEvidenceStore(pool), cascade)
+        models = {"embedder": embedder.model_id, "heads": heads_version, "llm": llm.model_id if llm else "none"}
+        service = Service(settings, pipeline, questions, pool, metrics, models)
+
+        app = make_app(registry, lambda: {"kafka": service.kafka_ok, "postgres": service.postgres_ok})
+        runner, port = await start_http(app, settings.metrics_host, settings.metrics_port)
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, service.stop)
+            loop.add_signal_handler(signal.SIGHUP, questions.reload)
+        log.info("service starting: metrics on http://%s:%d/metrics", settings.metrics_host, port)
+        try:
+            if on_running is not None:
+                result = on_running(Running(service, metrics, port))
+                if asyncio.iscoroutine(result):
+                    await result
+            await service.run()
+        finally:
+            if install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
+            await runner.cleanup()
+    finally:
+        await pool.close()

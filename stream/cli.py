@@ -1,0 +1,230 @@
+"""`flexor` command line. Every subcommand has --help; bad arguments exit 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from stream.config import ConfigError, Settings, load_settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO_ROOT / "examples"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not the usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config file (environment variables override it)")
+    p.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (overrides config)")
+
+
+def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+    return load_settings(
+        getattr(args, "config", None),
+        **{"kafka.bootstrap_servers": getattr(args, "bootstrap_servers", None)},
+        **overrides,
+    )
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("aiokafka", "kafka"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+# -- commands ---------------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from stream.demo import run_demo, run_embedded
+
+    if args.demo:
+        return run_demo(args)
+    return run_embedded(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from stream.app import run_service
+
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    logging.getLogger(__name__).info("config: %s", settings.redacted())
+    asyncio.run(run_service(settings, create_topics=args.create_topics))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    import asyncpg
+
+    from stream.migrate import migrate
+
+    settings = _settings(args)
+
+    async def go() -> list[str]:
+        conn = await asyncpg.connect(settings.database_url.get_secret_value())
+        try:
+            return await migrate(conn)
+        finally:
+            await conn.close()
+
+    applied = asyncio.run(go())
+    print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from stream.kafka import make_producer
+    from stream.produce import load_conversations, produce_events
+
+    settings = _settings(args)
+    if not args.file.exists():
+        raise ConfigError(f"file {args.file} does not exist")
+    events = load_conversations(args.file, args.limit)
+    topic = args.topic or settings.topics.input
+
+    async def go() -> None:
+        producer = make_producer(settings.kafka)
+        await producer.start()
+        try:
+            with Progress(transient=True) as progress:
+                task = progress.add_task(f"producing to {topic}", total=len(events))
+                await produce_events(
+                    producer, topic, events, args.rate, on_sent=lambda n: progress.update(task, completed=n)
+                )
+        finally:
+            await producer.stop()
+
+    asyncio.run(go())
+    print(f"produced {len(events)} conversation events to {topic}")
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    import orjson
+
+    from stream.kafka import connection_kwargs
+
+    settings = _settings(args)
+    topic = args.topic or settings.topics.output
+
+    async def go() -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        consumer = AIOKafkaConsumer(
+            topic, auto_offset_reset="earliest" if args.from_beginning else "latest",
+            enable_auto_commit=False, isolation_level="read_committed" if settings.kafka.exactly_once
+            else "read_uncommitted", **connection_kwargs(settings.kafka),
+        )
+        await consumer.start()
+        seen = 0
+        try:
+            async for msg in consumer:
+                event = orjson.loads(msg.value)
+                if args.summary:
+                    answers = " ".join(
+                        f"{a['question_id']}={a['answer']}({a['p_yes']:.2f},{a['decided_by']})"
+                        for a in event.get("answers", [])
+                    )
+                    print(f"{event.get('conversation_id')}@{event.get('revision')} {answers}", flush=True)
+                else:
+                    print(orjson.dumps(event).decode(), flush=True)
+                seen += 1
+                if args.limit and seen >= args.limit:
+                    break
+        finally:
+            await consumer.stop()
+
+    try:
+        asyncio.run(go())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _delegate(module: str) -> tuple[object, object]:
+    mod = importlib.import_module(module)
+    return mod.add_arguments, mod.run  # type: ignore[attr-defined]
+
+
+COMMANDS = {
+    "up": ("Start broker + Postgres on loopback and run the service (--demo: replay examples).", cmd_up),
+    "serve": ("Run the service against the configured Kafka and Postgres (production).", cmd_serve),
+    "migrate": ("Apply pending database migrations.", cmd_migrate),
+    "produce": ("Replay a JSONL(.gz) file of conversations into the input topic.", cmd_produce),
+    "tail": ("Print classification events from the output topic.", cmd_tail),
+    "train": ("Train per-question heads from labelled conversations.", "agents.train"),
+    "eval": ("Evaluate the pipeline on labelled conversations and write a report.", "agents.evaluate"),
+    "bench": ("Benchmarks: --e2e (service vs embed-only), --compare (baseline vs cascade), --load.", "stream.bench"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="flexor", description="Flexor Stream: evidence-grounded yes/no answers for conversation streams.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    for name, (help_text, target) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "up":
+            _config_args(p)
+            p.add_argument("--demo", action="store_true", help="replay the example conversations, print a summary, exit")
+            p.add_argument("--conversations", type=Path, default=EXAMPLES / "conversations.jsonl",
+                           help="conversations to replay with --demo")
+            p.add_argument("--questions", type=Path, help="questions file (default: examples/questions.yaml)")
+            p.add_argument("--metrics-port", type=int, default=None, help="port for /metrics (default 9464; 0 = any)")
+            p.add_argument("--timeout", type=float, default=600.0, help="--demo gives up after this many seconds")
+        elif name == "serve":
+            _config_args(p)
+            p.add_argument("--create-topics", action="store_true", help="create missing topics at start")
+        elif name in ("migrate",):
+            _config_args(p)
+        elif name == "produce":
+            _config_args(p)
+            p.add_argument("file", type=Path, help="JSONL or JSONL.gz: conversation.v1 or the labelled-data format")
+            p.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
+            p.add_argument("--limit", type=int, default=None, help="produce at most N events")
+            p.add_argument("--topic", help="target topic (default: topics.input)")
+        elif name == "tail":
+            _config_args(p)
+            p.add_argument("--topic", help="topic to read (default: topics.output)")
+            p.add_argument("--from-beginning", action="store_true", help="start at the oldest event")
+            p.add_argument("--limit", type=int, default=0, help="stop after N events")
+            p.add_argument("--summary", action="store_true", help="one line per event instead of JSON")
+        else:
+            add_arguments, _ = _delegate(str(target))
+            add_arguments(p)  # type: ignore[operator]
+        p.set_defaults(_target=target)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    target = args._target
+    try:
+        if isinstance(target, str):
+            _, run = _delegate(target)
+            code = run(args)  # type: ignore[operator]
+        else:
+            code = target(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"flexor {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

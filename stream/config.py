@@ -1,0 +1,170 @@
+"""Service configuration: a YAML file and/or environment variables (environment wins).
+
+Environment variables use the prefix ``FLEXOR_`` and ``__`` for nesting, for example
+``FLEXOR_KAFKA__BOOTSTRAP_SERVERS``; ``DATABASE_URL`` and ``KAFKA_BOOTSTRAP_SERVERS`` are also
+read because every platform sets those names. Secrets are `SecretStr`: they never print.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message is one line that says what to fix."""
+
+
+class KafkaConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bootstrap_servers: str = "localhost:9092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    client_id: str = "flexor-stream"
+    session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(default=1_000, ge=100)
+    max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
+    # Exactly-once needs a broker with transactions (not the embedded one).
+    exactly_once: bool = False
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaConfig:
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
+        ):
+            raise ValueError(
+                "SASL needs kafka.sasl_mechanism, kafka.sasl_username and kafka.sasl_password"
+            )
+        return self
+
+
+class TopicsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = "conversations"
+    output: str = "classifications"
+    dlq: str = "conversations.dlq"
+    partitions: int = Field(default=4, ge=1)  # used only when the service creates topics
+
+
+class BatchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_events: int = Field(default=64, ge=1)
+    max_wait_ms: int = Field(default=200, ge=1)
+    # Records fetched but not yet committed; above it the consumer pauses its partitions.
+    max_in_flight: int = Field(default=512, ge=1)
+
+
+class LimitsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_event_bytes: int = Field(default=1_000_000, ge=1_000)
+    max_turns: int = Field(default=500, ge=1)
+    max_chars_per_turn: int = Field(default=20_000, ge=10)
+
+
+class ModelsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    embedder: Literal["onnx-int8", "onnx", "torch"] = "onnx-int8"
+    heads_dir: Path | None = None
+    # LLM engine spec for the uncertain band (hf-tiny, hf:PATH, openai:URL, trtllm:PATH); None = off.
+    llm: str | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FLEXOR_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    kafka: KafkaConfig = KafkaConfig()
+    database_url: SecretStr = SecretStr("postgresql://postgres@localhost:5432/postgres")
+    topics: TopicsConfig = TopicsConfig()
+    group_id: str = "flexor-stream"
+    batch: BatchConfig = BatchConfig()
+    limits: LimitsConfig = LimitsConfig()
+    models: ModelsConfig = ModelsConfig()
+    questions_file: Path = Path("examples/questions.yaml")
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment over file values (passed as init kwargs).
+        return (env_settings, init_settings)
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as a dict fit for logs: SecretStr fields stay masked, URLs lose passwords."""
+        data = self.model_dump(mode="json")
+        data["database_url"] = redact_url(self.database_url.get_secret_value())
+        return data
+
+
+def redact_url(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+_PLAIN_ENV = {"DATABASE_URL": "database_url", "KAFKA_BOOTSTRAP_SERVERS": "kafka.bootstrap_servers"}
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """File values, then well-known plain env names, then FLEXOR_* env, then explicit overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of settings")
+        data = loaded
+    for env, dotted in _PLAIN_ENV.items():
+        if env in os.environ and f"FLEXOR_{dotted.replace('.', '__').upper()}" not in os.environ:
+            _set_dotted(data, dotted, os.environ[env])
+    for dotted, value in overrides.items():
+        if value is not None:
+            _set_dotted(data, dotted.replace("__", "."), value)
+    try:
+        return Settings(**data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        env = "FLEXOR_" + "__".join(str(p) for p in first["loc"]).upper()
+        raise ConfigError(f"config error at {where}: {first['msg']} (set it in the config file or {env})") from None
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value

@@ -1,0 +1,155 @@
+"""`flexor up`: the whole service on one machine from `pip install` alone.
+
+With --demo it replays the example conversations (plus two malformed events, to show the DLQ),
+shows progress, prints a summary table and exits 0 once every conversation revision is classified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from stream.app import Running, run_service
+from stream.config import Settings, load_settings
+from stream.infra import EmbeddedStack
+from stream.kafka import make_producer
+from stream.produce import load_conversations, produce_events
+
+log = logging.getLogger(__name__)
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+BAD_EVENTS = [b"this is not json", b'{"schema": "conversation.v1", "event_id": "bad-1", "turns": []}']
+
+
+def _embedded_settings(args: argparse.Namespace, stack: EmbeddedStack) -> Settings:
+    return load_settings(
+        getattr(args, "config", None),
+        **{
+            "kafka.bootstrap_servers": stack.broker.bootstrap_servers,
+            "database_url": stack.postgres.url,
+            "questions_file": getattr(args, "questions", None) or EXAMPLES / "questions.yaml",
+            "metrics_port": getattr(args, "metrics_port", None),
+        },
+    )
+
+
+def run_embedded(args: argparse.Namespace) -> int:
+    console = Console()
+    with EmbeddedStack() as stack:
+        settings = _embedded_settings(args, stack)
+        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+        def announce(r: Running) -> None:
+            console.print(
+                f"[bold]Flexor Stream is running[/bold]\n"
+                f"  Kafka:    {stack.broker.bootstrap_servers}  (topics {settings.topics.input} -> "
+                f"{settings.topics.output}, DLQ {settings.topics.dlq})\n"
+                f"  Postgres: {stack.postgres.url}\n"
+                f"  Metrics:  http://127.0.0.1:{r.http_port}/metrics\n"
+                f"Produce:  FLEXOR_KAFKA__BOOTSTRAP_SERVERS={stack.broker.bootstrap_servers} "
+                f"flexor produce examples/conversations.jsonl\n"
+                f"Stop with Ctrl-C."
+            )
+
+        asyncio.run(run_service(settings, on_running=announce, create_topics=True))
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    console = Console()
+    events = load_conversations(args.conversations)
+    expected = {(e["tenant_id"], e["conversation_id"], e["revision"]) for e in events}
+    with console.status("starting Kafka broker and PostgreSQL..."):
+        stack = EmbeddedStack().start()
+    try:
+        settings = _embedded_settings(args, stack)
+        logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return asyncio.run(_demo(settings, events, expected, console, args.timeout))
+    finally:
+        stack.stop()
+
+
+async def _demo(
+    settings: Settings, events: list[dict[str, Any]], expected: set[tuple[str, str, int]],
+    console: Console, timeout_s: float,
+) -> int:
+    running: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
+    service_task = asyncio.create_task(
+        run_service(settings, on_running=running.set_result, create_topics=True, install_signals=False)
+    )
+    with console.status("loading models and joining the consumer group..."):
+        done, _ = await asyncio.wait({running, service_task}, return_when=asyncio.FIRST_COMPLETED)
+    if service_task in done:
+        service_task.result()  # raises the start-up error
+    r = running.result()
+    pool = await asyncpg.create_pool(settings.database_url.get_secret_value(), min_size=1, max_size=2)
+    try:
+        producer = make_producer(settings.kafka)
+        await producer.start()
+        try:
+            await produce_events(producer, settings.topics.input, [*events, *BAD_EVENTS])
+        finally:
+            await producer.stop()
+
+        started = time.monotonic()
+        with Progress(
+            TextColumn("classifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as progress:
+            task = progress.add_task("classify", total=len(expected))
+            while True:
+                rows = await pool.fetch("SELECT tenant_id, conversation_id, revision FROM classifications")
+                got = {(x["tenant_id"], x["conversation_id"], x["revision"]) for x in rows} & expected
+                progress.update(task, completed=len(got))
+                if len(got) == len(expected):
+                    break
+                if service_task.done():
+                    service_task.result()
+                    raise RuntimeError("the service stopped before classifying every conversation")
+                if time.monotonic() - started > timeout_s:
+                    console.print(f"[red]timed out: {len(got)} of {len(expected)} classified[/red]")
+                    return 1
+                await asyncio.sleep(0.25)
+        elapsed = time.monotonic() - started
+        rows = await pool.fetch("SELECT answers FROM classifications")
+        _print_summary(console, [orjson.loads(x["answers"]) for x in rows])
+        dlq = r.metrics.registry.get_sample_value("flexor_dlq_events_total", {"reason": "not_json"}) or 0
+        dlq += r.metrics.registry.get_sample_value("flexor_dlq_events_total", {"reason": "empty_turns"}) or 0
+        console.print(
+            f"{len(expected)} conversation revisions classified in {elapsed:.1f} s; "
+            f"{int(dlq)} malformed events sent to the DLQ topic {settings.topics.dlq!r}.\n"
+            f"Metrics: http://127.0.0.1:{r.http_port}/metrics (until exit)"
+        )
+        return 0
+    finally:
+        await pool.close()
+        r.service.stop()
+        await asyncio.gather(service_task, return_exceptions=True)
+
+
+def _print_summary(console: Console, answer_sets: list[list[dict[str, Any]]]) -> None:
+    counts: dict[str, Counter[str]] = {}
+    best: dict[str, tuple[float, str]] = {}
+    for answers in answer_sets:
+        for a in answers:
+            counts.setdefault(a["question_id"], Counter())[a["answer"]] += 1
+            if a["answer"] == "yes" and a["evidence"] and a["p_yes"] > best.get(a["question_id"], (-1.0, ""))[0]:
+                best[a["question_id"]] = (a["p_yes"], a["evidence"][0]["text"])
+    table = Table(title="Answers", show_lines=True)
+    table.add_column("question")
+    table.add_column("yes", justify="right")
+    table.add_column("no", justify="right")
+    table.add_column("evidence (most confident yes)", overflow="fold")
+    for qid, c in sorted(counts.items()):
+        snippet = best.get(qid, (0.0, "-"))[1].replace("\n", " / ")
+        table.add_row(qid, str(c["yes"]), str(c["no"]), snippet[:160])
+    console.print(table)

@@ -1,0 +1,69 @@
+"""Prometheus metrics, defined once per registry (tests pass their own registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Batch work takes tens of ms to seconds on CPU; web-request default buckets would hide it.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.consumed = Counter(
+            "flexor_events_consumed_total", "Input records fetched", ["topic"], registry=registry
+        )
+        self.classified = Counter(
+            "flexor_conversations_classified_total", "Classification events produced", registry=registry
+        )
+        self.skipped = Counter(
+            "flexor_events_skipped_total",
+            "Valid events acknowledged without new output",
+            ["reason"],
+            registry=registry,
+        )
+        self.dlq = Counter(
+            "flexor_dlq_events_total", "Events sent to the dead-letter topic", ["reason"], registry=registry
+        )
+        self.batch_size = Histogram(
+            "flexor_batch_size", "Records per micro-batch", buckets=_BATCH_BUCKETS, registry=registry
+        )
+        self.stage_seconds = Histogram(
+            "flexor_stage_seconds",
+            "Time per batch in each pipeline stage",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.event_latency = Histogram(
+            "flexor_event_latency_seconds",
+            "From fetch to committed output, per event",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.answers = Counter(
+            "flexor_answers_total",
+            "Answers by question, answer and deciding stage",
+            ["question_id", "answer", "decided_by"],
+            registry=registry,
+        )
+        self.lag = Gauge(
+            "flexor_consumer_lag", "High-water mark minus position", ["topic", "partition"], registry=registry
+        )
+        self.in_flight = Gauge("flexor_in_flight_events", "Fetched, not yet committed", registry=registry)
+        self.paused = Gauge("flexor_partitions_paused", "1 while consumption is paused", registry=registry)
+        self.commits = Counter("flexor_commits_total", "Offset commits", ["result"], registry=registry)
+        self.retries = Counter(
+            "flexor_batch_retries_total", "Batch attempts retried after a retriable error", ["error"],
+            registry=registry,
+        )
+        self.llm_fallbacks = Counter(
+            "flexor_llm_fallbacks_total", "Uncertain answers kept from stage 1 because the LLM failed",
+            registry=registry,
+        )
+        self.cache = Counter(
+            "flexor_result_cache_total", "LLM result cache lookups", ["result"], registry=registry
+        )
+        self.ready = Gauge("flexor_ready", "1 when Kafka and Postgres are reachable", registry=registry)

@@ -1,0 +1,149 @@
+"""Event schemas: decode and validate conversation.v1, build classification.v1.
+
+Validation never raises anything but `InvalidEvent`, whose `reason` is a short stable code
+(the DLQ header and the metric label) and whose message says what was wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agents.chunking import Turn
+from agents.types import Answer, Conversation
+from stream.config import LimitsConfig
+
+INPUT_SCHEMA = "conversation.v1"
+OUTPUT_SCHEMA = "classification.v1"
+
+
+class Reason(StrEnum):
+    TOO_LARGE = "too_large"
+    NOT_JSON = "not_json"
+    NOT_OBJECT = "not_object"
+    UNKNOWN_SCHEMA = "unknown_schema"
+    INVALID_FIELDS = "invalid_fields"
+    EMPTY_TURNS = "empty_turns"
+    TOO_MANY_TURNS = "too_many_turns"
+    TEXT_TOO_LONG = "text_too_long"
+
+
+class InvalidEvent(ValueError):
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class TurnV1(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    turn_id: str = Field(min_length=1, max_length=128)
+    speaker: str = Field(min_length=1, max_length=64)
+    text: str
+
+
+class ConversationV1(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    schema_: Literal["conversation.v1"] = Field(alias="schema")
+    event_id: str = Field(min_length=1, max_length=256)
+    tenant_id: str = Field(min_length=1, max_length=128)
+    conversation_id: str = Field(min_length=1, max_length=256)
+    revision: int = Field(ge=0)
+    status: str = Field(default="closed", max_length=32)
+    occurred_at: datetime | None = Field(default=None, strict=False)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    turns: list[TurnV1]
+
+    def to_conversation(self) -> Conversation:
+        return Conversation(
+            tenant_id=self.tenant_id,
+            conversation_id=self.conversation_id,
+            revision=self.revision,
+            turns=tuple(Turn(t.turn_id, t.speaker, t.text) for t in self.turns),
+            metadata=self.metadata,
+        )
+
+
+def decode_conversation(raw: bytes | None, limits: LimitsConfig) -> ConversationV1:
+    if raw is None:
+        raise InvalidEvent(Reason.NOT_JSON, "event has no value (tombstone)")
+    if len(raw) > limits.max_event_bytes:
+        raise InvalidEvent(
+            Reason.TOO_LARGE, f"event is {len(raw)} bytes, limit is {limits.max_event_bytes}"
+        )
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise InvalidEvent(Reason.NOT_JSON, f"not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidEvent(Reason.NOT_OBJECT, f"event is a JSON {type(data).__name__}, not an object")
+    if data.get("schema") != INPUT_SCHEMA:
+        raise InvalidEvent(
+            Reason.UNKNOWN_SCHEMA, f"schema is {data.get('schema')!r}, expected {INPUT_SCHEMA!r}"
+        )
+    turns = data.get("turns")
+    if isinstance(turns, list):
+        if not turns:
+            raise InvalidEvent(Reason.EMPTY_TURNS, "turns is empty")
+        if len(turns) > limits.max_turns:
+            raise InvalidEvent(
+                Reason.TOO_MANY_TURNS, f"{len(turns)} turns, limit is {limits.max_turns}"
+            )
+    try:
+        event = ConversationV1.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidEvent(Reason.INVALID_FIELDS, f"{where}: {first['msg']}") from None
+    for t in event.turns:
+        if len(t.text) > limits.max_chars_per_turn:
+            raise InvalidEvent(
+                Reason.TEXT_TOO_LONG,
+                f"turn {t.turn_id} has {len(t.text)} characters, limit is {limits.max_chars_per_turn}",
+            )
+    if not any(t.text.strip() for t in event.turns):
+        raise InvalidEvent(Reason.EMPTY_TURNS, "every turn's text is empty")
+    return event
+
+
+def classification_event_id(
+    tenant_id: str, conversation_id: str, revision: int, question_set_version: str, models: dict[str, str]
+) -> str:
+    key = "\x1f".join(
+        [tenant_id, conversation_id, str(revision), question_set_version]
+        + [f"{k}={v}" for k, v in sorted(models.items())]
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def build_classification(
+    conv: Conversation,
+    answers: list[Answer],
+    *,
+    event_id: str,
+    models: dict[str, str],
+    source: dict[str, Any],
+    latency_ms: int,
+) -> dict[str, Any]:
+    return {
+        "schema": OUTPUT_SCHEMA,
+        "event_id": event_id,
+        "tenant_id": conv.tenant_id,
+        "conversation_id": conv.conversation_id,
+        "revision": conv.revision,
+        "answers": [a.as_dict() for a in answers],
+        "models": models,
+        "source": source,
+        "latency_ms": latency_ms,
+    }
+
+
+def encode(event: dict[str, Any]) -> bytes:
+    return orjson.dumps(event)
