@@ -48,8 +48,12 @@ def make_consumer(cfg: KafkaConfig, topic: str, group_id: str, max_records: int)
     )
 
 
-def make_producer(cfg: KafkaConfig, transactional_id: str | None = None) -> AIOKafkaProducer:
-    kw: dict[str, Any] = {"acks": "all", "linger_ms": 5, "max_batch_size": 1 << 20, "compression_type": None}
+def make_producer(
+    cfg: KafkaConfig, transactional_id: str | None = None, max_request_size: int = 4 << 20
+) -> AIOKafkaProducer:
+    kw: dict[str, Any] = {
+        "acks": "all", "linger_ms": 5, "max_batch_size": 1 << 20, "max_request_size": max_request_size,
+    }
     if transactional_id:
         kw["transactional_id"] = transactional_id
         kw["enable_idempotence"] = True

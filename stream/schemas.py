@@ -55,7 +55,7 @@ class ConversationV1(BaseModel):
     event_id: str = Field(min_length=1, max_length=256)
     tenant_id: str = Field(min_length=1, max_length=128)
     conversation_id: str = Field(min_length=1, max_length=256)
-    revision: int = Field(ge=0)
+    revision: int = Field(ge=0, le=2**31 - 1)  # Postgres `integer` columns
     status: str = Field(default="closed", max_length=32)
     occurred_at: datetime | None = Field(default=None, strict=False)
     metadata: dict[str, Any] = Field(default_factory=dict)

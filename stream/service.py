@@ -368,7 +368,13 @@ class Service:
             ("source.offset", str(r.offset).encode()),
         ]
         log.info("DLQ %s/%d@%d: %s: %s", r.topic, r.partition, r.offset, e.reason.value, e.message[:200])
-        return await self.producer.send(self.settings.topics.dlq, r.value, key=r.key, headers=headers)
+        value = r.value
+        if value is not None and len(value) > self.settings.limits.max_event_bytes:
+            # The DLQ topic may not take what the input topic did; keep the head of the original
+            # and say so, rather than fail the partition on a record we can never deliver whole.
+            value = value[: self.settings.limits.max_event_bytes]
+            headers.append(("error.truncated_from", str(len(r.value)).encode()))
+        return await self.producer.send(self.settings.topics.dlq, value, key=r.key, headers=headers)
 
     # -- commits and health -------------------------------------------------------------------------
 

@@ -1,0 +1,282 @@
+"""The service end to end on the real broker and Postgres: delivery, evidence, DLQ, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+
+from agents.chunking import Turn, transcript
+from stream.config import Settings
+from stream.produce import load_conversations
+from tests.conftest import EXAMPLES, shared_file
+from tests.harness import (
+    classification_rows,
+    committed,
+    count_rows,
+    create_topics,
+    kill9,
+    produce,
+    read_topic,
+    running_service,
+    start_serve,
+    wait_until,
+)
+
+
+def _key(e: dict[str, Any]) -> tuple[str, str, int]:
+    return (e["tenant_id"], e["conversation_id"], e["revision"])
+
+
+async def check_delivery(settings: Settings, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every input revision has output events with exactly one distinct event_id, Postgres agrees
+    with the topic, and the committed offsets cover only finished work. Returns one event per key."""
+    outputs = [orjson.loads(r.value) for r in await read_topic(settings, settings.topics.output)]
+    ids: dict[tuple[str, str, int], set[str]] = defaultdict(set)
+    for ev in outputs:
+        ids[_key(ev)].add(ev["event_id"])
+    assert set(ids) == {_key(e) for e in inputs}, "some revisions are missing or unexpected"
+    assert all(len(v) == 1 for v in ids.values()), "a revision has two different event_ids"
+
+    rows = {r["event_id"]: r for r in await classification_rows(settings)}
+    by_id = {ev["event_id"]: ev for ev in outputs}
+    assert set(rows) == set(by_id), "Postgres rows and topic events differ"
+    for event_id, row in rows.items():
+        assert row["event"]["answers"] == by_id[event_id]["answers"]
+
+    # Every input below a committed position is finished: DLQ'd, or classified at this revision or
+    # a newer one (replays and stale revisions are acknowledged without output).
+    dlq = {
+        (int(dict(r.headers)["source.partition"]), int(dict(r.headers)["source.offset"]))
+        for r in await read_topic(settings, settings.topics.dlq)
+    }
+    newest: dict[tuple[str, str], int] = {}
+    for row in rows.values():
+        k = _key(row["event"])
+        newest[k[:2]] = max(newest.get(k[:2], -1), k[2])
+    records = {(r.partition, r.offset): r for r in await read_topic(settings, settings.topics.input)}
+    for partition, position in (await committed(settings)).items():
+        for offset in range(position):
+            if (partition, offset) in dlq:
+                continue
+            k = _key(orjson.loads(records[(partition, offset)].value))
+            assert newest.get(k[:2], -1) >= k[2], f"committed past unfinished {partition}@{offset}"
+    return list(by_id.values())
+
+
+def _shared_questions(tmp_path: Path) -> Path:
+    """The labelled data's questions as a questions.yaml (text and dataset selector only)."""
+    import json
+
+    import yaml
+
+    qs = json.loads(shared_file("questions.json").read_text())
+    out = tmp_path / "questions.yaml"
+    out.write_text(yaml.safe_dump({"questions": [
+        {"id": q["question_id"], "version": 1, "text": q["question"], "applies_to": {"dataset": q["dataset"]}}
+        for q in qs
+    ]}))
+    return out
+
+
+@pytest.mark.slow
+async def test_star_conversations_four_partitions(settings: Settings, tmp_path: Path) -> None:
+    try:
+        path = shared_file("star.jsonl.gz")
+        settings = settings.model_copy(update={"questions_file": _shared_questions(tmp_path)})
+        limit = 500
+    except pytest.skip.Exception:
+        path, limit = EXAMPLES / "conversations.jsonl", None
+    inputs = load_conversations(path, limit)
+    by_key = {_key(e): e for e in inputs}
+    await create_topics(settings)
+    async with running_service(settings) as running:
+        await produce(settings, inputs)
+        await wait_until(lambda: _rows_at_least(settings, len(by_key)), 600, "all classifications")
+        metrics = running.metrics.registry
+        assert metrics.get_sample_value("flexor_conversations_classified_total") == len(by_key)
+    events = await check_delivery(settings, inputs)
+
+    conn = await asyncpg.connect(settings.database_url.get_secret_value())
+    try:
+        chunks = {
+            r["chunk_id"]: r
+            for r in await conn.fetch("SELECT chunk_id, text, char_start, char_end, turn_ids FROM chunks")
+        }
+    finally:
+        await conn.close()
+    n_evidence = 0
+    for ev in events:
+        src = by_key[_key(ev)]
+        full = transcript([Turn(t["turn_id"], t["speaker"], t["text"]) for t in src["turns"]])
+        assert ev["answers"], "every conversation answers at least one question"
+        for a in ev["answers"]:
+            assert a["evidence"], f"{a['question_id']} has no evidence"
+            for e in a["evidence"]:
+                stored = chunks[e["chunk_id"]]
+                assert e["text"] == stored["text"] == full[e["char_start"] : e["char_end"]]
+                assert (e["char_start"], e["char_end"]) == (stored["char_start"], stored["char_end"])
+                assert e["turn_ids"] == list(stored["turn_ids"])
+                n_evidence += 1
+    assert n_evidence >= len(events)
+
+
+async def _rows_at_least(settings: Settings, n: int) -> bool:
+    return await count_rows(settings) >= n
+
+
+BAD_EVENTS: dict[str, bytes] = {
+    "not_json": b"{not json",
+    "not_object": b"[1, 2, 3]",
+    "unknown_schema": orjson.dumps({"schema": "conversation.v0", "event_id": "x"}),
+    "invalid_fields": orjson.dumps(
+        {"schema": "conversation.v1", "event_id": "e", "tenant_id": "t", "conversation_id": "c",
+         "revision": "three", "turns": [{"turn_id": "t1", "speaker": "customer", "text": "hi"}]}
+    ),
+    "empty_turns": orjson.dumps(
+        {"schema": "conversation.v1", "event_id": "e", "tenant_id": "t", "conversation_id": "c",
+         "revision": 1, "turns": []}
+    ),
+    "text_too_long": orjson.dumps(
+        {"schema": "conversation.v1", "event_id": "e", "tenant_id": "t", "conversation_id": "c",
+         "revision": 1, "turns": [{"turn_id": "t1", "speaker": "customer", "text": "x" * 30_000}]}
+    ),
+    "too_large": b'{"schema": "conversation.v1", "pad": "' + b"y" * 1_200_000 + b'"}',
+}
+
+
+async def test_dlq_mixed_stream(settings: Settings) -> None:
+    good = load_conversations(EXAMPLES / "conversations.jsonl", 30)
+    stream: list[Any] = []
+    bad = list(BAD_EVENTS.values())
+    for i, ev in enumerate(good):
+        stream.append(ev)
+        if i < len(bad):
+            stream.append(bad[i])
+    await create_topics(settings)
+    async with running_service(settings) as running:
+        await produce(settings, stream)
+        await wait_until(lambda: _rows_at_least(settings, len(good)), 300, "good events classified")
+
+        async def dlq_done() -> bool:
+            total = sum(
+                running.metrics.registry.get_sample_value("flexor_dlq_events_total", {"reason": r}) or 0
+                for r in BAD_EVENTS
+            )
+            return total == len(BAD_EVENTS)
+
+        await wait_until(dlq_done, 60, "every bad event in the DLQ")
+
+        async def all_committed() -> bool:
+            pos = await committed(settings)
+            return sum(pos.values()) == len(stream)
+
+        await wait_until(all_committed, 30, "offsets committed to the end of every partition")
+    dlq = await read_topic(settings, settings.topics.dlq)
+    reasons = {dict(r.headers)["error.reason"].decode(): r for r in dlq}
+    assert set(reasons) == set(BAD_EVENTS)
+    for reason, rec in reasons.items():
+        h = dict(rec.headers)
+        if reason == "too_large":  # kept up to the event limit, with the original size in a header
+            assert BAD_EVENTS[reason].startswith(rec.value)
+            assert int(h["error.truncated_from"]) == len(BAD_EVENTS[reason])
+        else:
+            assert rec.value == BAD_EVENTS[reason], "the DLQ keeps the original bytes"
+        assert h["source.topic"].decode() == settings.topics.input
+        assert h["error.message"]
+    await check_delivery(settings, good)
+
+
+async def test_revisions_replays_and_http(settings: Settings) -> None:
+    events = load_conversations(EXAMPLES / "conversations.jsonl", 10)
+    await create_topics(settings)
+    async with running_service(settings) as running:
+        await produce(settings, events)
+        await wait_until(lambda: _rows_at_least(settings, len(events)), 120, "first pass")
+        first = await read_topic(settings, settings.topics.output)
+
+        # An exact replay and an older revision are acknowledged without new output;
+        # a newer revision is classified.
+        newer = dict(events[0], revision=events[0]["revision"] + 1, event_id="newer")
+        older = dict(events[1], revision=events[1]["revision"] - 1, event_id="older")
+        await produce(settings, [events[2], older, newer])
+        await wait_until(lambda: _rows_at_least(settings, len(events) + 1), 60, "newer revision")
+
+        async def skipped() -> bool:
+            reg = running.metrics.registry
+            return (reg.get_sample_value("flexor_events_skipped_total", {"reason": "duplicate"}) == 1
+                    and reg.get_sample_value("flexor_events_skipped_total", {"reason": "stale_revision"}) == 1)
+
+        await wait_until(skipped, 30, "replay and stale revision skipped")
+        outputs = await read_topic(settings, settings.topics.output)
+        assert len(outputs) == len(first) + 1
+
+        async with aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{running.http_port}"
+            async with http.get(f"{base}/healthz") as r:
+                assert r.status == 200
+
+            async def ready() -> bool:
+                async with http.get(f"{base}/readyz") as r:
+                    return r.status == 200
+
+            await wait_until(ready, 10, "/readyz")
+            async with http.get(f"{base}/metrics") as r:
+                text = await r.text()
+        for name in ("flexor_events_consumed_total", "flexor_batch_size_bucket", "flexor_stage_seconds_bucket",
+                     "flexor_answers_total", "flexor_consumer_lag", "flexor_in_flight_events",
+                     "flexor_commits_total", "flexor_dlq_events_total"):
+            assert name in text, name
+    await check_delivery(settings, events[3:] + [events[2], newer] + events[:2])
+
+
+@pytest.mark.slow
+async def test_cancel_mid_stream_then_restart(settings: Settings) -> None:
+    inputs = load_conversations(EXAMPLES / "conversations.jsonl")
+    await create_topics(settings)
+    await produce(settings, inputs)
+    async with running_service(settings.model_copy(update={"batch": settings.batch.model_copy(
+            update={"max_events": 8})})):
+        await wait_until(lambda: _rows_at_least(settings, 10), 120, "some progress")
+    # Committed offsets never pass unfinished work, even when stopped mid-stream.
+    rows = await classification_rows(settings)
+    done = {(r["partition"], r["offset"]) for r in rows}
+    for p, pos in (await committed(settings)).items():
+        assert all((p, o) in done for o in range(pos))
+    assert len(rows) < len({_key(e) for e in inputs}), "stopped before the end"
+    async with running_service(settings):
+        await wait_until(lambda: _rows_at_least(settings, len({_key(e) for e in inputs})), 300, "the rest")
+    await check_delivery(settings, inputs)
+
+
+@pytest.mark.slow
+async def test_kill9_subprocess_then_restart(settings: Settings, tmp_path: Path) -> None:
+    inputs = load_conversations(EXAMPLES / "conversations.jsonl")
+    await create_topics(settings)
+    await produce(settings, inputs)
+    settings = settings.model_copy(update={"batch": settings.batch.model_copy(update={"max_events": 8})})
+    proc = start_serve(settings, tmp_path / "serve1.log")
+    try:
+        await wait_until(lambda: _rows_at_least(settings, 10), 180, "some progress before the kill")
+    finally:
+        kill9(proc)
+    before = await count_rows(settings)
+    assert before < len({_key(e) for e in inputs})
+    rows = await classification_rows(settings)
+    done = {(r["partition"], r["offset"]) for r in rows}
+    for p, pos in (await committed(settings)).items():
+        assert all((p, o) in done for o in range(pos)), "committed past unfinished work"
+    proc = start_serve(settings, tmp_path / "serve2.log")
+    try:
+        await wait_until(lambda: _rows_at_least(settings, len({_key(e) for e in inputs})), 300, "recovery")
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 60)
+    assert proc.returncode == 0, (tmp_path / "serve2.log").read_text()[-2000:]
+    await check_delivery(settings, inputs)
