@@ -31,6 +31,17 @@ class BatchResult:
     embedded: list[EmbeddedConversation]
 
 
+def embed_conversations(embedder: Embedder, convs: Sequence[Conversation]) -> list[EmbeddedConversation]:
+    """Chunk every conversation and embed all chunks in one embedder call."""
+    chunked = [chunk_turns(c.turns) for c in convs]
+    vectors = embedder.embed([ch.text for chunks in chunked for ch in chunks])
+    out, pos = [], 0
+    for conv, chunks in zip(convs, chunked, strict=True):
+        out.append(EmbeddedConversation(conv, chunks, vectors[pos : pos + len(chunks)]))
+        pos += len(chunks)
+    return out
+
+
 class Pipeline:
     def __init__(
         self,
@@ -50,13 +61,7 @@ class Pipeline:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _embed_conversations(self, convs: Sequence[Conversation]) -> list[EmbeddedConversation]:
-        chunked = [chunk_turns(c.turns) for c in convs]
-        vectors = self.embedder.embed([ch.text for chunks in chunked for ch in chunks])
-        out, pos = [], 0
-        for conv, chunks in zip(convs, chunked, strict=True):
-            out.append(EmbeddedConversation(conv, chunks, vectors[pos : pos + len(chunks)]))
-            pos += len(chunks)
-        return out
+        return embed_conversations(self.embedder, convs)
 
     def _queries(self, questions: Sequence[Question]) -> np.ndarray:
         missing = [q for q in questions if (q.id, q.version, q.retrieval_text) not in self._query_vectors]

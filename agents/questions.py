@@ -100,15 +100,17 @@ class QuestionFileError(ValueError):
 def load_questions(path: str | Path) -> QuestionSet:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise QuestionFileError(f"questions file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise QuestionFileError(f"questions file {path} cannot be read: {e}") from None
     except yaml.YAMLError as e:
         raise QuestionFileError(f"questions file {path} is not valid YAML: {e}".splitlines()[0]) from None
     if isinstance(raw, list):
         raw = {"questions": raw}
     # YAML 1.1 reads unquoted `yes:` / `no:` keys as booleans; accept them as written.
-    for q in raw.get("questions", []) if isinstance(raw, dict) else []:
+    for q in raw["questions"] if isinstance(raw, dict) and isinstance(raw.get("questions"), list) else []:
         ex = q.get("examples") if isinstance(q, dict) else None
         if isinstance(ex, dict):
             q["examples"] = {{True: "yes", False: "no"}.get(k, k): v for k, v in ex.items()}

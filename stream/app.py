@@ -44,12 +44,20 @@ def load_heads(settings: Settings, embedder: Embedder) -> tuple[dict[str, Stage1
     return load(settings.models.heads_dir, embedder)
 
 
-def load_llm(settings: Settings, metrics: Metrics) -> LLMStage | None:
+def load_llm(settings: Settings, metrics: Metrics, pool: asyncpg.Pool | None = None) -> LLMStage | None:
+    """The LLM stage (blocking: loads a model; call it in a worker thread), or None when unset.
+
+    Its result cache is shared by the replicas through `pool` (table llm_results)."""
     if not settings.models.llm:
         return None
     from agents.llm_stage import build_llm_stage
 
-    return build_llm_stage(settings.models.llm, metrics=metrics)
+    return build_llm_stage(
+        settings.models.llm,
+        pool=pool,
+        on_cache=lambda result, n: metrics.cache.labels(result=result).inc(n),
+        on_fallback=metrics.llm_fallbacks.inc,
+    )
 
 
 async def create_pool(settings: Settings) -> asyncpg.Pool:
@@ -83,7 +91,7 @@ async def run_service(
             await ensure_topics(settings.kafka, [t.input, t.output, t.dlq], t.partitions)
         embedder = await asyncio.to_thread(load_embedder, settings.models.embedder)
         heads, heads_version = await asyncio.to_thread(load_heads, settings, embedder)
-        llm = load_llm(settings, metrics)
+        llm = await asyncio.to_thread(load_llm, settings, metrics, pool)
         cascade = Cascade(SimilarityScorer(embedder), heads, llm)
         pipeline = Pipeline(embedder, PgEvidenceStore(pool), cascade)
         models = {"embedder": embedder.model_id, "heads": heads_version, "llm": llm.model_id if llm else "none"}
@@ -108,5 +116,8 @@ async def run_service(
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
             await runner.cleanup()
+            close = getattr(llm, "aclose", None)
+            if close is not None:
+                await close()
     finally:
         await pool.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.resources
 import json
 import os
 import platform
@@ -29,7 +30,7 @@ from stream.config import Settings, load_settings
 from stream.kafka import connection_kwargs, ensure_topics, make_producer
 from stream.produce import load_conversations, produce_events
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(str(importlib.resources.files("examples")))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -114,18 +115,17 @@ def run_e2e(args: argparse.Namespace) -> int:
 
 async def _embed_only(settings: Settings, events: list[dict[str, Any]]) -> float:
     """Chunking + embedding alone, in the service's batch size, the same worker-thread path."""
-    from agents.pipeline import Pipeline
+    from agents.pipeline import embed_conversations
     from models.embedder import load_embedder
     from stream.schemas import decode_conversation
 
     embedder = await asyncio.to_thread(load_embedder, settings.models.embedder)
-    pipeline = Pipeline(embedder, store=None, cascade=None)  # type: ignore[arg-type]
     convs = [decode_conversation(orjson.dumps(e), settings.limits).to_conversation() for e in events]
     size = settings.batch.max_events
     await asyncio.to_thread(embedder.embed, ["warm up"])
     t = time.perf_counter()
     for i in range(0, len(convs), size):
-        await pipeline._in_worker(pipeline._embed_conversations, convs[i : i + size])  # noqa: SLF001
+        await asyncio.to_thread(embed_conversations, embedder, convs[i : i + size])
     return len(convs) / (time.perf_counter() - t)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.resources
 import logging
 import os
 import sys
@@ -13,8 +14,7 @@ from typing import NoReturn
 
 from stream.config import ConfigError, Settings, load_settings
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO_ROOT / "examples"
+EXAMPLES = Path(str(importlib.resources.files("examples")))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -170,13 +170,17 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="flexor", description="Flexor Stream: evidence-grounded yes/no answers for conversation streams.")
+    parser = _Parser(
+        prog="flexor", allow_abbrev=False,
+        description="Flexor Stream: evidence-grounded yes/no answers for conversation streams.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
     for name, (help_text, target) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         if name == "up":
             _config_args(p)
-            p.add_argument("--demo", action="store_true", help="replay the example conversations, print a summary, exit")
+            p.add_argument("--demo", action="store_true",
+                           help="replay the example conversations, print a summary, exit")
             p.add_argument("--conversations", type=Path, default=EXAMPLES / "conversations.jsonl",
                            help="conversations to replay with --demo")
             p.add_argument("--questions", type=Path, help="questions file (default: examples/questions.yaml)")

@@ -8,6 +8,8 @@ read because every platform sets those names. Secrets are `SecretStr`: they neve
 from __future__ import annotations
 
 import os
+import re
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +39,8 @@ class KafkaConfig(BaseModel):
     max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
     # Exactly-once needs a broker with transactions (not the embedded one).
     exactly_once: bool = False
+    # Stable per replica (e.g. the pod name of a StatefulSet); default: "<group_id>-<hostname>".
+    transactional_id: str | None = None
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaConfig:
@@ -44,7 +48,8 @@ class KafkaConfig(BaseModel):
             self.sasl_mechanism and self.sasl_username and self.sasl_password
         ):
             raise ValueError(
-                "SASL needs kafka.sasl_mechanism, kafka.sasl_username and kafka.sasl_password"
+                "SASL needs sasl_mechanism, sasl_username and sasl_password "
+                "(FLEXOR_KAFKA__SASL_MECHANISM, FLEXOR_KAFKA__SASL_USERNAME, FLEXOR_KAFKA__SASL_PASSWORD)"
             )
         return self
 
@@ -55,7 +60,9 @@ class TopicsConfig(BaseModel):
     input: str = "conversations"
     output: str = "classifications"
     dlq: str = "conversations.dlq"
-    partitions: int = Field(default=4, ge=1)  # used only when the service creates topics
+    # Used only when the service creates missing topics (--create-topics, flexor up).
+    partitions: int = Field(default=4, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
 
 
 class BatchConfig(BaseModel):
@@ -110,8 +117,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment over file values (passed as init kwargs).
-        return (env_settings, init_settings)
+        # Highest first: explicit overrides (CLI flags), FLEXOR_* env, then the file (+ plain env names).
+        return (init_settings, env_settings, _FileSource(settings_cls))
 
     def redacted(self) -> dict[str, Any]:
         """The config as a dict fit for logs: SecretStr fields stay masked, URLs lose passwords."""
@@ -120,21 +127,50 @@ class Settings(BaseSettings):
         return data
 
 
-def redact_url(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
+_URL_PASSWORD = re.compile(r"(://[^:/@?#]*:)[^@/?#]*@")
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|sslpassword)=)[^&#]*", re.IGNORECASE)
 
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+
+def redact_url(url: str) -> str:
+    """Mask passwords in a connection URL, in the userinfo and in query parameters. Regex, not
+    urlsplit: libpq URLs may list several hosts, which urlsplit cannot parse."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", url))
 
 
 _PLAIN_ENV = {"DATABASE_URL": "database_url", "KAFKA_BOOTSTRAP_SERVERS": "kafka.bootstrap_servers"}
+_file_values: ContextVar[dict[str, Any] | None] = ContextVar("flexor_file_values", default=None)
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The config file's values (and the plain env names), ranked below FLEXOR_* variables."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return (_file_values.get() or {}).get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_file_values.get() or {})
+
+
+def _env_names(model: type[BaseModel], prefix: str) -> set[str]:
+    names = set()
+    for name, field in model.model_fields.items():
+        names.add(f"{prefix}{name.upper()}")
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            names |= _env_names(ann, f"{prefix}{name.upper()}__")
+    return names
+
+
+def _check_env_names() -> None:
+    """pydantic-settings ignores unknown FLEXOR_* variables; a typo there should not pass silently."""
+    known = _env_names(Settings, "FLEXOR_") | {"FLEXOR_CACHE_DIR", "FLEXOR_SHARED_DATA", "FLEXOR_TEST_CONTAINERS"}
+    unknown = sorted(k for k in os.environ if k.startswith("FLEXOR_") and k.upper() not in known)
+    if unknown:
+        raise ConfigError(f"unknown environment variable {unknown[0]}: check its spelling against the README")
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
-    """File values, then well-known plain env names, then FLEXOR_* env, then explicit overrides."""
+    """Explicit overrides (CLI flags) > FLEXOR_* env > plain env names (DATABASE_URL, ...) > file > defaults."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -142,24 +178,31 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
             loaded = yaml.safe_load(p.read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {p} does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {p} cannot be read: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping of settings")
         data = loaded
     for env, dotted in _PLAIN_ENV.items():
-        if env in os.environ and f"FLEXOR_{dotted.replace('.', '__').upper()}" not in os.environ:
+        if env in os.environ:
             _set_dotted(data, dotted, os.environ[env])
+    _check_env_names()
+    init: dict[str, Any] = {}
     for dotted, value in overrides.items():
         if value is not None:
-            _set_dotted(data, dotted.replace("__", "."), value)
+            _set_dotted(init, dotted.replace("__", "."), value)
+    token = _file_values.set(data)
     try:
-        return Settings(**data)
+        return Settings(**init)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "config"
-        env = "FLEXOR_" + "__".join(str(p) for p in first["loc"]).upper()
+        env = "FLEXOR_" + "__".join(str(p) for p in first["loc"][:2]).upper()
         raise ConfigError(f"config error at {where}: {first['msg']} (set it in the config file or {env})") from None
+    finally:
+        _file_values.reset(token)
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.resources
 import logging
 import time
 from collections import Counter
@@ -27,7 +28,7 @@ from stream.kafka import make_producer
 from stream.produce import load_conversations, produce_events
 
 log = logging.getLogger(__name__)
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(str(importlib.resources.files("examples")))
 BAD_EVENTS = [b"this is not json", b'{"schema": "conversation.v1", "event_id": "bad-1", "turns": []}']
 
 
@@ -110,7 +111,7 @@ async def _demo(
                 rows = await pool.fetch("SELECT tenant_id, conversation_id, revision FROM classifications")
                 got = {(x["tenant_id"], x["conversation_id"], x["revision"]) for x in rows} & expected
                 progress.update(task, completed=len(got))
-                if len(got) == len(expected):
+                if len(got) == len(expected) and _dlq_count(r) == len(BAD_EVENTS):
                     break
                 if service_task.done():
                     service_task.result()
@@ -122,11 +123,9 @@ async def _demo(
         elapsed = time.monotonic() - started
         rows = await pool.fetch("SELECT answers FROM classifications")
         _print_summary(console, [orjson.loads(x["answers"]) for x in rows])
-        dlq = r.metrics.registry.get_sample_value("flexor_dlq_events_total", {"reason": "not_json"}) or 0
-        dlq += r.metrics.registry.get_sample_value("flexor_dlq_events_total", {"reason": "empty_turns"}) or 0
         console.print(
             f"{len(expected)} conversation revisions classified in {elapsed:.1f} s; "
-            f"{int(dlq)} malformed events sent to the DLQ topic {settings.topics.dlq!r}.\n"
+            f"{_dlq_count(r)} malformed events sent to the DLQ topic {settings.topics.dlq!r}.\n"
             f"Metrics: http://127.0.0.1:{r.http_port}/metrics (until exit)"
         )
         return 0
@@ -134,6 +133,12 @@ async def _demo(
         await pool.close()
         r.service.stop()
         await asyncio.gather(service_task, return_exceptions=True)
+
+
+def _dlq_count(r: Running) -> int:
+    reg = r.metrics.registry
+    return int(sum(reg.get_sample_value("flexor_dlq_events_total", {"reason": x}) or 0
+                   for x in ("not_json", "empty_turns")))
 
 
 def _print_summary(console: Console, answer_sets: list[list[dict[str, Any]]]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import asyncpg
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(str(importlib.resources.files("migrations")))
 # Serialises concurrent replicas starting at once; any constant 64-bit key works.
 _LOCK_KEY = 0x466C65786F72
 

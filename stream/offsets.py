@@ -74,7 +74,9 @@ class OffsetTracker:
     def in_flight(self) -> int:
         return sum(p.in_flight for p in self._parts.values())
 
-    def to_commit(self, only: set[TopicPartition] | frozenset[TopicPartition] | None = None) -> dict[TopicPartition, int]:
+    def to_commit(
+        self, only: set[TopicPartition] | frozenset[TopicPartition] | None = None
+    ) -> dict[TopicPartition, int]:
         out = {}
         for tp, part in self._parts.items():
             if only is not None and tp not in only:

@@ -82,6 +82,9 @@ def decode_conversation(raw: bytes | None, limits: LimitsConfig) -> Conversation
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
         raise InvalidEvent(Reason.NOT_JSON, f"not valid JSON: {e}") from None
+    # Postgres text and jsonb cannot hold NUL: such an event would fail every retry downstream.
+    if b"\\u0000" in raw:
+        raise InvalidEvent(Reason.INVALID_FIELDS, "NUL characters (\\u0000) are not supported")
     if not isinstance(data, dict):
         raise InvalidEvent(Reason.NOT_OBJECT, f"event is a JSON {type(data).__name__}, not an object")
     if data.get("schema") != INPUT_SCHEMA:
@@ -110,7 +113,30 @@ def decode_conversation(raw: bytes | None, limits: LimitsConfig) -> Conversation
             )
     if not any(t.text.strip() for t in event.turns):
         raise InvalidEvent(Reason.EMPTY_TURNS, "every turn's text is empty")
+    _check_storable(event)
     return event
+
+
+MAX_METADATA_DEPTH = 32
+
+
+def _check_storable(event: ConversationV1) -> None:
+    """Reject what would fail later, after model work: NUL characters (Postgres text cannot hold
+    them) and metadata nested deeper than MAX_METADATA_DEPTH (JSON encoders refuse deep trees)."""
+    fields = [("event_id", event.event_id), ("tenant_id", event.tenant_id),
+              ("conversation_id", event.conversation_id), ("status", event.status)]
+    for i, t in enumerate(event.turns):
+        fields += [(f"turns.{i}.turn_id", t.turn_id), (f"turns.{i}.speaker", t.speaker), (f"turns.{i}.text", t.text)]
+    for where, value in fields:
+        if "\x00" in value:
+            raise InvalidEvent(Reason.INVALID_FIELDS, f"{where}: contains a NUL character")
+    stack: list[tuple[Any, int]] = [(event.metadata, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_METADATA_DEPTH:
+            raise InvalidEvent(Reason.INVALID_FIELDS, f"metadata: nested deeper than {MAX_METADATA_DEPTH} levels")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
 
 
 def classification_event_id(

@@ -1,0 +1,1 @@
+"""Example conversations, labels and questions, shipped as package data for `flexor up --demo`."""
