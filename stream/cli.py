@@ -169,7 +169,9 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; a delegated command's own arguments (and its imports: sklearn, torch) are
+    loaded only when `command` names it, so `flexor serve` and `flexor --help` start fast."""
     parser = _Parser(
         prog="flexor", allow_abbrev=False,
         description="Flexor Stream: evidence-grounded yes/no answers for conversation streams.",
@@ -203,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--from-beginning", action="store_true", help="start at the oldest event")
             p.add_argument("--limit", type=int, default=0, help="stop after N events")
             p.add_argument("--summary", action="store_true", help="one line per event instead of JSON")
-        else:
+        elif name == command:
             add_arguments, _ = _delegate(str(target))
             add_arguments(p)  # type: ignore[operator]
         p.set_defaults(_target=target)
@@ -213,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     target = args._target
     try:
