@@ -1,0 +1,313 @@
+"""Trained question heads: artifacts on disk, and the stage-1 `HeadScorer` the cascade uses.
+
+A head has two linear parts whose scores are added (each divided by its cross-validated spread):
+- conversation part: standardise -> logistic regression over `agents.features` rows;
+- chunk part (multiple-instance): a logistic regression over single chunk embeddings, trained
+  with every chunk carrying its conversation's label, scored as the mean of the conversation's
+  two best chunks. It finds an intent that is only one of several in a conversation, where
+  pooled features blur it.
+A monotone calibration map fitted on cross-validated scores makes ``p_yes`` a probability. A
+head carries its own decision threshold and uncertain band. Few-shot heads have no chunk part.
+
+Layout of a heads directory (no pickles: numpy arrays and JSON only)::
+
+    DIR/manifest.json          embedder id, feature version, one entry per question
+    DIR/<head id>/head.json    question, kind (head | few-shot), threshold, band, calibration, metrics
+    DIR/<head id>/weights.npz  mean, scale, coef, intercept, calibration points
+
+The head id is ``<question id>`` and questions.yaml points a question at it with ``head:``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agents.features import FEATURE_VERSION, FeatureExtractor
+from agents.questions import Question
+from agents.types import EmbeddedConversation
+from models.embedder import Embedder
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class HeadMismatch(ValueError):
+    pass
+
+
+@dataclass
+class Calibration:
+    """Monotone map from the linear score to P(yes): isotonic points or a sigmoid (a*s + b)."""
+
+    method: str  # "isotonic" | "sigmoid"
+    xs: list[float] = field(default_factory=list)
+    ys: list[float] = field(default_factory=list)
+    a: float = 1.0
+    b: float = 0.0
+
+    def __call__(self, s: np.ndarray) -> np.ndarray:
+        s = np.asarray(s, np.float64)
+        if self.method == "isotonic":
+            return np.interp(s, self.xs, self.ys)
+        return 1.0 / (1.0 + np.exp(-(self.a * s + self.b)))
+
+
+@dataclass
+class Head:
+    head_id: str
+    question_id: str
+    question_text: str
+    kind: str  # "head" | "few-shot"
+    embedder_id: str
+    feature_version: str
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+    calibration: Calibration
+    threshold: float
+    band: tuple[float, float]
+    rows: int = 0
+    n_yes: int = 0
+    cv_metrics: dict[str, Any] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+    chunk_coef: np.ndarray | None = None
+    chunk_intercept: float = 0.0
+    conv_div: float = 1.0
+    chunk_div: float = 1.0
+
+    def score(self, x: np.ndarray, chunk_vectors: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """Uncalibrated score: conversation part (+ chunk part when the head has one)."""
+        s = (((x - self.mean) / self.scale) @ self.coef + self.intercept) / self.conv_div
+        if self.chunk_coef is not None:
+            if chunk_vectors is None:
+                raise ValueError(f"head {self.head_id} needs the conversations' chunk vectors")
+            s = s + chunk_scores(chunk_vectors, self.chunk_coef, self.chunk_intercept) / self.chunk_div
+        return s
+
+    def p_yes(self, x: np.ndarray, chunk_vectors: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        return np.clip(self.calibration(self.score(x, chunk_vectors)), 0.0, 1.0)
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "artifact_version": ARTIFACT_VERSION,
+            "head_id": self.head_id,
+            "question_id": self.question_id,
+            "question_text": self.question_text,
+            "kind": self.kind,
+            "embedder_id": self.embedder_id,
+            "feature_version": self.feature_version,
+            "threshold": self.threshold,
+            "band": list(self.band),
+            "rows": self.rows,
+            "n_yes": self.n_yes,
+            "cv_metrics": self.cv_metrics,
+            "calibration": {k: v for k, v in asdict(self.calibration).items() if k not in ("xs", "ys")},
+            "chunk_part": self.chunk_coef is not None,
+            "chunk_intercept": self.chunk_intercept,
+            "conv_div": self.conv_div,
+            "chunk_div": self.chunk_div,
+            "created": self.created,
+        }
+
+    def save(self, root: Path) -> Path:
+        d = root / self.head_id
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f"weights.{os.getpid()}.tmp.npz"
+        np.savez(
+            tmp,
+            mean=self.mean.astype(np.float64),
+            scale=self.scale.astype(np.float64),
+            coef=self.coef.astype(np.float64),
+            intercept=np.float64(self.intercept),
+            cal_xs=np.asarray(self.calibration.xs, np.float64),
+            cal_ys=np.asarray(self.calibration.ys, np.float64),
+            chunk_coef=np.zeros(0) if self.chunk_coef is None else self.chunk_coef.astype(np.float64),
+        )
+        os.replace(tmp, d / "weights.npz")
+        _write_json(d / "head.json", self.meta())
+        return d
+
+    @classmethod
+    def load(cls, d: Path) -> Head:
+        meta = json.loads((d / "head.json").read_text())
+        if meta.get("artifact_version") != ARTIFACT_VERSION:
+            raise HeadMismatch(f"{d}: artifact version {meta.get('artifact_version')} != {ARTIFACT_VERSION}")
+        with np.load(d / "weights.npz") as z:
+            cal = meta["calibration"]
+            return cls(
+                head_id=meta["head_id"],
+                question_id=meta["question_id"],
+                question_text=meta["question_text"],
+                kind=meta["kind"],
+                embedder_id=meta["embedder_id"],
+                feature_version=meta["feature_version"],
+                mean=z["mean"].astype(np.float64),
+                scale=z["scale"].astype(np.float64),
+                coef=z["coef"].astype(np.float64),
+                intercept=float(z["intercept"]),
+                calibration=Calibration(
+                    method=cal["method"],
+                    xs=z["cal_xs"].tolist(),
+                    ys=z["cal_ys"].tolist(),
+                    a=cal.get("a", 1.0),
+                    b=cal.get("b", 0.0),
+                ),
+                threshold=float(meta["threshold"]),
+                band=(float(meta["band"][0]), float(meta["band"][1])),
+                rows=int(meta.get("rows", 0)),
+                n_yes=int(meta.get("n_yes", 0)),
+                cv_metrics=meta.get("cv_metrics", {}),
+                created=float(meta.get("created", 0.0)),
+                chunk_coef=z["chunk_coef"].astype(np.float64) if meta.get("chunk_part") else None,
+                chunk_intercept=float(meta.get("chunk_intercept", 0.0)),
+                conv_div=float(meta.get("conv_div", 1.0)),
+                chunk_div=float(meta.get("chunk_div", 1.0)),
+            )
+
+
+CHUNK_TOP = 2
+
+
+def chunk_scores(chunk_vectors: Sequence[np.ndarray], coef: np.ndarray, intercept: float) -> np.ndarray:
+    """Mean of the CHUNK_TOP best chunk logits per conversation (0 for a conversation without chunks)."""
+    out = np.zeros(len(chunk_vectors))
+    for i, v in enumerate(chunk_vectors):
+        if len(v):
+            s = np.asarray(v, np.float64) @ coef + intercept
+            out[i] = np.sort(s)[-CHUNK_TOP:].mean()
+    return out
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def write_manifest(root: Path, embedder_id: str, entries: Mapping[str, Mapping[str, Any]], **extra: Any) -> None:
+    """entries: question id -> {"head": head id or None, "path": head|few-shot|zero-shot, ...}."""
+    root.mkdir(parents=True, exist_ok=True)
+    _write_json(
+        root / MANIFEST,
+        {
+            "artifact_version": ARTIFACT_VERSION,
+            "embedder_id": embedder_id,
+            "feature_version": FEATURE_VERSION,
+            "created": time.time(),
+            **extra,
+            "questions": dict(entries),
+        },
+    )
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    return json.loads((Path(root) / MANIFEST).read_text())
+
+
+class HeadScorer:
+    """Stage-1 scorer for every head in a heads dir; the cascade maps each head id to it.
+
+    Features are computed once per conversation object and reused across the questions of a
+    batch (the pipeline calls p_yes once per question on overlapping subsets).
+    """
+
+    def __init__(self, heads: Mapping[str, Head], features: FeatureExtractor, decided_by: str = "head") -> None:
+        self.heads = dict(heads)
+        self.features = features
+        self.decided_by = decided_by
+        self._memo: dict[int, tuple[EmbeddedConversation, np.ndarray]] = {}
+        for h in self.heads.values():
+            if h.embedder_id != features.model_id:
+                raise HeadMismatch(f"head {h.head_id} was trained on {h.embedder_id}, not {features.model_id}")
+            if h.feature_version != features.version:
+                raise HeadMismatch(
+                    f"head {h.head_id} uses features {h.feature_version}, this build has {features.version}"
+                )
+
+    def _head(self, question: Question) -> Head:
+        head_id = question.head or question.id
+        try:
+            return self.heads[head_id]
+        except KeyError:
+            raise KeyError(f"no head {head_id!r} loaded for question {question.id}") from None
+
+    def transform(self, convs: Sequence[EmbeddedConversation]) -> np.ndarray:
+        if len(self._memo) > 50_000:
+            self._memo.clear()
+        todo = [c for c in convs if id(c) not in self._memo or self._memo[id(c)][0] is not c]
+        if todo:
+            for c, row in zip(todo, self.features.transform(todo), strict=True):
+                self._memo[id(c)] = (c, row)
+        if not convs:
+            return np.zeros((0, self.features.dim), np.float32)
+        return np.stack([self._memo[id(c)][1] for c in convs])
+
+    def forget(self) -> None:
+        self._memo.clear()
+
+    def p_yes(self, question: Question, convs: Sequence[EmbeddedConversation]) -> np.ndarray:
+        if not convs:
+            return np.zeros(0)
+        return self._head(question).p_yes(self.transform(convs), [c.vectors for c in convs])
+
+    def threshold(self, question: Question) -> float:
+        return self._head(question).threshold
+
+    def band(self, question: Question) -> tuple[float, float]:
+        return self._head(question).band
+
+
+class _KindView:
+    """The same scorer seen with a head's own `decided_by` (head or few-shot)."""
+
+    def __init__(self, inner: HeadScorer, decided_by: str) -> None:
+        self._inner = inner
+        self.decided_by = decided_by
+
+    def p_yes(self, question: Question, convs: Sequence[EmbeddedConversation]) -> np.ndarray:
+        return self._inner.p_yes(question, convs)
+
+    def threshold(self, question: Question) -> float:
+        return self._inner.threshold(question)
+
+    def band(self, question: Question) -> tuple[float, float]:
+        return self._inner.band(question)
+
+
+def load_heads(
+    root: str | Path, embedder: Embedder, features: FeatureExtractor | None = None
+) -> tuple[dict[str, Any], str]:
+    """(head id -> Stage1Scorer for every head under `root`, heads version) for `Cascade(heads=...)`.
+
+    The version is a hash of the heads' metadata, so retrained heads change the event's model ids.
+    """
+    root = Path(root)
+    heads: dict[str, Head] = {}
+    digest = hashlib.sha256()
+    for d in sorted(p for p in root.iterdir() if (p / "head.json").exists()):
+        head = Head.load(d)
+        heads[head.head_id] = head
+        digest.update((d / "head.json").read_bytes())
+    scorer = HeadScorer(heads, features or FeatureExtractor(embedder))
+    views = {kind: _KindView(scorer, kind) for kind in {h.kind for h in heads.values()}}
+    version = f"{FEATURE_VERSION}-{digest.hexdigest()[:12]}" if heads else "none"
+    return {hid: views[h.kind] for hid, h in heads.items()}, version
+
+
+def head_ids_by_question(root: str | Path) -> dict[str, str]:
+    """Question id -> head id for the questions that have a trained head in `root`."""
+    entries = read_manifest(root).get("questions", {})
+    return {qid: e["head"] for qid, e in entries.items() if e.get("head")}

@@ -1,0 +1,352 @@
+"""`flexor train`: per-question heads from labelled conversations, calibrated, with a manifest.
+
+    flexor train --conversations star.jsonl.gz sgd.jsonl.gz --questions questions.json \
+        --answers answers.jsonl.gz --split train [--shots K] --out heads/
+
+Per question: rows = conversations of the split with a gold answer; features from
+`agents.features`; standardise -> balanced logistic regression; 5-fold out-of-fold scores fit
+the calibration map (isotonic with >= 100 positives, else a sigmoid) and pick the F1-optimal
+threshold; the final model is refitted on every row. ``--shots K`` keeps only K yes and K no
+rows per question (fixed seed): standardisation then uses every conversation of the split
+(unlabelled, so no label leaks) and the model is a shrunken prototype direction.
+
+Questions without positives in the split keep the zero-shot path; the manifest says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agents.embedcache import CachingEmbedder
+from agents.features import FEATURE_VERSION, FeatureExtractor, embed_conversations
+from agents.heads import Calibration, Head, write_manifest
+from agents.labelled import (
+    iter_gold,
+    question_set,
+    read_answers,
+    read_conversations,
+    read_questions,
+    to_conversation,
+)
+from agents.metrics import best_f1_threshold, summarize
+from models.embedder import BACKENDS, load_embedder
+
+log = logging.getLogger(__name__)
+
+SEED = 13
+FOLDS = 5
+ISOTONIC_MIN_POSITIVES = 100
+C_HEAD = 0.05
+C_CHUNK = 1.0
+MIN_PER_CLASS = 3  # fewer yes (or no) rows than this: no head, the question keeps the zero-shot path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--conversations", nargs="+", required=True, help="labelled conversation files")
+    parser.add_argument("--questions", required=True, help="questions.json")
+    parser.add_argument("--answers", required=True, help="answers.jsonl.gz (gold)")
+    parser.add_argument("--split", default="train", choices=["train", "eval", "all"])
+    parser.add_argument("--shots", type=int, default=None, help="train from K yes and K no rows per question")
+    parser.add_argument("--out", required=True, help="heads directory to write")
+    parser.add_argument("--embedder", default="onnx-int8", choices=BACKENDS)
+    parser.add_argument("--no-cache", action="store_true", help="do not use the on-disk embedding cache")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many conversations per file")
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--only", nargs="*", default=None, help="train only these question ids")
+
+
+def _standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = x.mean(0).astype(np.float64)
+    scale = x.std(0).astype(np.float64)
+    scale[scale < 1e-6] = 1.0
+    return mean, scale
+
+
+def _logreg(z: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, float]:
+    from sklearn.linear_model import LogisticRegression
+
+    m = LogisticRegression(C=c, class_weight="balanced", max_iter=2000, tol=1e-4)
+    m.fit(z, y)
+    return m.coef_[0].astype(np.float64), float(m.intercept_[0])
+
+
+def fit_calibration(s: np.ndarray, y: np.ndarray, method: str | None = None) -> Calibration:
+    """Monotone map score -> P(yes) fitted on held-out scores."""
+    y = np.asarray(y, bool)
+    method = method or ("isotonic" if y.sum() >= ISOTONIC_MIN_POSITIVES else "sigmoid")
+    if method == "isotonic":
+        from sklearn.isotonic import IsotonicRegression
+
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(s, y.astype(float))
+        xs, ys = iso.X_thresholds_, iso.y_thresholds_
+        return Calibration("isotonic", xs=[float(v) for v in xs], ys=[float(v) for v in ys])
+    from sklearn.linear_model import LogisticRegression
+
+    lr = LogisticRegression(C=1.0).fit(np.asarray(s).reshape(-1, 1), y)
+    return Calibration("sigmoid", a=float(lr.coef_[0, 0]), b=float(lr.intercept_[0]))
+
+
+def uncertain_band(threshold: float) -> tuple[float, float]:
+    """[low, high) around the threshold, proportional to the room on each side."""
+    return (round(threshold * 0.5, 4), round(threshold + (1.0 - threshold) * 0.5, 4))
+
+
+def _chunk_logreg(vectors: Sequence[np.ndarray], y: np.ndarray, c: float) -> tuple[np.ndarray, float]:
+    """Multiple-instance part: every chunk carries its conversation's label."""
+    from sklearn.linear_model import LogisticRegression
+
+    xc = np.concatenate([np.asarray(v, np.float32) for v in vectors])
+    yc = np.repeat(y, [len(v) for v in vectors])
+    m = LogisticRegression(C=c, class_weight="balanced", max_iter=300, tol=1e-4).fit(xc, yc)
+    return m.coef_[0].astype(np.float64), float(m.intercept_[0])
+
+
+def fit_head(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    chunk_vectors: Sequence[np.ndarray] | None = None,
+    head_id: str,
+    question_id: str,
+    question_text: str,
+    embedder_id: str,
+    c: float = C_HEAD,
+    seed: int = SEED,
+) -> Head:
+    """Full-data head: CV scores -> calibration + threshold; final fit on every row.
+
+    With `chunk_vectors` (one array per row) the head gets the chunk part; each part's score is
+    divided by the spread of its out-of-fold scores so that they are added on one scale."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from agents.heads import chunk_scores
+
+    y = np.asarray(y, bool)
+    mean, scale = _standardizer(x)
+    z = (x - mean) / scale
+    folds = min(FOLDS, int(y.sum()), int((~y).sum()))
+    oof = np.zeros(len(y))
+    oof_chunk = np.zeros(len(y))
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(z, y):
+        # Each fold standardises with the full-data statistics: labels play no part in them.
+        coef, b = _logreg(z[tr], y[tr], c)
+        oof[te] = z[te] @ coef + b
+        if chunk_vectors is not None:
+            cw, cb = _chunk_logreg([chunk_vectors[i] for i in tr], y[tr], C_CHUNK)
+            oof_chunk[te] = chunk_scores([chunk_vectors[i] for i in te], cw, cb)
+    conv_div = float(max(oof.std(), 1e-6))
+    chunk_div = float(max(oof_chunk.std(), 1e-6))
+    oof = oof / conv_div + (oof_chunk / chunk_div if chunk_vectors is not None else 0.0)
+    cal = fit_calibration(oof, y)
+    p_oof = cal(oof)
+    threshold = best_f1_threshold(y, p_oof)
+    cv = summarize(y, p_oof, p_oof >= threshold)
+    cv["folds"] = folds
+    cv["note"] = "out-of-fold; calibration and threshold were fitted on these same scores"
+    coef, b = _logreg(z, y, c)
+    chunk_coef, chunk_b = _chunk_logreg(chunk_vectors, y, C_CHUNK) if chunk_vectors is not None else (None, 0.0)
+    return Head(
+        chunk_coef=chunk_coef,
+        chunk_intercept=chunk_b,
+        conv_div=conv_div,
+        chunk_div=chunk_div if chunk_vectors is not None else 1.0,
+        head_id=head_id,
+        question_id=question_id,
+        question_text=question_text,
+        kind="head",
+        embedder_id=embedder_id,
+        feature_version=FEATURE_VERSION,
+        mean=mean,
+        scale=scale,
+        coef=coef,
+        intercept=b,
+        calibration=cal,
+        threshold=threshold,
+        band=uncertain_band(threshold),
+        rows=len(y),
+        n_yes=int(y.sum()),
+        cv_metrics=_round(cv),
+    )
+
+
+def fit_few_shot(
+    x: np.ndarray,
+    y: np.ndarray,
+    pool: np.ndarray,
+    *,
+    head_id: str,
+    question_id: str,
+    question_text: str,
+    embedder_id: str,
+    seed: int = SEED,
+) -> Head:
+    """K yes + K no rows: direction = difference of class means in standardised space (a
+    prototype classifier, the limit of a strongly regularised linear model), sigmoid fitted on
+    leave-one-out scores. `pool` (unlabelled rows of the split) gives the standardisation."""
+    y = np.asarray(y, bool)
+    mean, scale = _standardizer(pool)
+    z = (x - mean) / scale
+
+    def direction(zz: np.ndarray, yy: np.ndarray) -> tuple[np.ndarray, float]:
+        w = zz[yy].mean(0) - zz[~yy].mean(0)
+        w /= max(np.linalg.norm(w), 1e-9)
+        mid = (zz[yy].mean(0) + zz[~yy].mean(0)) / 2
+        return w, -float(mid @ w)
+
+    loo = np.zeros(len(y))
+    for i in range(len(y)):
+        keep = np.arange(len(y)) != i
+        w, b = direction(z[keep], y[keep])
+        loo[i] = z[i] @ w + b
+    cal = fit_calibration(loo, y, method="sigmoid")
+    if cal.a <= 0:
+        # Leave-one-out scores of a prototype classifier on ~10 rows are biased against the
+        # held-out row and can even rank inversely; a calibration must never flip the direction.
+        # Fall back to a unit-spread sigmoid centred between the class means (the intercept's 0).
+        cal = Calibration("sigmoid", a=1.0 / max(float(np.std(loo)), 1e-6), b=0.0)
+    p_loo = cal(loo)
+    threshold = 0.5
+    cv = summarize(y, p_loo, p_loo >= threshold)
+    cv["folds"] = "leave-one-out"
+    w, b = direction(z, y)
+    return Head(
+        head_id=head_id,
+        question_id=question_id,
+        question_text=question_text,
+        kind="few-shot",
+        embedder_id=embedder_id,
+        feature_version=FEATURE_VERSION,
+        mean=mean,
+        scale=scale,
+        coef=w,
+        intercept=b,
+        calibration=cal,
+        threshold=threshold,
+        band=uncertain_band(threshold),
+        rows=len(y),
+        n_yes=int(y.sum()),
+        cv_metrics=_round(cv),
+    )
+
+
+def _round(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+
+
+def sample_shots(y: Sequence[bool], k: int, seed: int) -> np.ndarray:
+    """Indices of k yes and k no rows (fewer when a class is smaller), fixed by `seed`."""
+    y = np.asarray(y, bool)
+    rng = np.random.default_rng(seed)
+    pos = rng.permutation(np.flatnonzero(y))[:k]
+    neg = rng.permutation(np.flatnonzero(~y))[:k]
+    return np.sort(np.r_[pos, neg])
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    questions = read_questions(args.questions)
+    if args.only:
+        questions = [q for q in questions if q.question_id in set(args.only)]
+    convs = read_conversations(args.conversations, args.split, limit=args.limit)
+    answers = read_answers(args.answers, {c.conversation_id for c in convs})
+    if not convs:
+        print("no conversations in the requested split", file=sys.stderr)
+        return 2
+    base = load_embedder(args.embedder)
+    embedder = base if args.no_cache else CachingEmbedder(base)
+    print(f"embedding {len(convs)} conversations with {embedder.model_id} ...", file=sys.stderr)
+    embedded = embed_conversations([to_conversation(c) for c in convs], embedder)
+    if isinstance(embedder, CachingEmbedder):
+        embedder.flush()
+    feats = FeatureExtractor(embedder)
+    x_all = feats.transform(embedded)
+    print(f"features {x_all.shape} in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+
+    entries: dict[str, dict[str, Any]] = {}
+    heads: dict[str, str] = {}
+    for q, idx, gold in iter_gold(questions, convs, answers):
+        y = np.asarray(gold, bool)
+        common = {"head_id": q.question_id, "question_id": q.question_id, "question_text": q.text}
+        if len(y) == 0 or y.sum() < MIN_PER_CLASS or (~y).sum() < MIN_PER_CLASS:
+            why = (
+                "no labelled rows"
+                if len(y) == 0
+                else f"{int(y.sum())} positives and {int((~y).sum())} negatives (need {MIN_PER_CLASS} of each)"
+            )
+            entries[q.question_id] = {"head": None, "path": "zero-shot", "reason": why, "rows": len(y)}
+            print(f"{q.question_id}: {why} in split {args.split}: keeps the zero-shot path", file=sys.stderr)
+            continue
+        rows = np.asarray(idx)
+        t = time.perf_counter()
+        if args.shots:
+            pick = sample_shots(y, args.shots, args.seed)
+            pool = x_all[[i for i, c in enumerate(convs) if c.dataset == q.dataset]]
+            head = fit_few_shot(
+                x_all[rows[pick]], y[pick], pool, embedder_id=embedder.model_id, seed=args.seed, **common
+            )
+        else:
+            head = fit_head(
+                x_all[rows],
+                y,
+                chunk_vectors=[embedded[i].vectors for i in rows],
+                embedder_id=embedder.model_id,
+                seed=args.seed,
+                **common,
+            )
+        head.save(out)
+        heads[q.question_id] = head.head_id
+        cv = head.cv_metrics
+        entries[q.question_id] = {
+            "head": head.head_id,
+            "path": head.kind,
+            "rows": head.rows,
+            "n_yes": head.n_yes,
+            "threshold": head.threshold,
+            "band": list(head.band),
+            "cv_metrics": cv,
+        }
+        print(
+            f"{q.question_id}: {head.kind} rows={head.rows} yes={head.n_yes} thr={head.threshold:.3f} "
+            f"cv f1={cv['f1']:.3f} auc={cv['roc_auc']} ece={cv['ece']:.3f} ({time.perf_counter() - t:.1f}s)",
+            file=sys.stderr,
+        )
+    write_manifest(
+        out,
+        embedder.model_id,
+        entries,
+        split=args.split,
+        shots=args.shots,
+        seed=args.seed,
+        conversations=len(convs),
+        sources=[Path(p).name for p in args.conversations],
+    )
+    _write_questions_yaml(out / "questions.yaml", question_set(questions, heads))
+    print(f"wrote {len(heads)} heads to {out} in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    return 0
+
+
+def _write_questions_yaml(path: Path, qs) -> None:  # type: ignore[no-untyped-def]
+    import yaml
+
+    data = {"questions": [q.model_dump(mode="json", exclude_defaults=False) for q in qs.questions]}
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    parser = argparse.ArgumentParser(prog="flexor train", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
