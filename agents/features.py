@@ -24,8 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from agents.chunking import chunk_turns
-from agents.types import Conversation, EmbeddedConversation
+from agents.types import EmbeddedConversation
 from models.embedder import Embedder
 
 FEATURE_VERSION = "f3"
@@ -68,18 +67,6 @@ PHRASE_BANK: tuple[str, ...] = (
     "Could you tell me more about it?",
 )
 TAIL_CHUNKS = 2
-
-
-def embed_conversations(convs: Sequence[Conversation], embedder: Embedder) -> list[EmbeddedConversation]:
-    """Chunk every conversation and embed all chunks in one batched call."""
-    chunked = [chunk_turns(c.turns) for c in convs]
-    texts = [ch.text for chunks in chunked for ch in chunks]
-    vecs = embedder.embed(texts) if texts else np.zeros((0, embedder.dim), np.float32)
-    out, pos = [], 0
-    for c, chunks in zip(convs, chunked, strict=True):
-        out.append(EmbeddedConversation(c, chunks, vecs[pos : pos + len(chunks)]))
-        pos += len(chunks)
-    return out
 
 
 class FeatureExtractor:

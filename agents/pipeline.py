@@ -34,7 +34,8 @@ class BatchResult:
 def embed_conversations(embedder: Embedder, convs: Sequence[Conversation]) -> list[EmbeddedConversation]:
     """Chunk every conversation and embed all chunks in one embedder call."""
     chunked = [chunk_turns(c.turns) for c in convs]
-    vectors = embedder.embed([ch.text for chunks in chunked for ch in chunks])
+    texts = [ch.text for chunks in chunked for ch in chunks]
+    vectors = embedder.embed(texts) if texts else np.zeros((0, embedder.dim), np.float32)
     out, pos = [], 0
     for conv, chunks in zip(convs, chunked, strict=True):
         out.append(EmbeddedConversation(conv, chunks, vectors[pos : pos + len(chunks)]))

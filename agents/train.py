@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from agents.embedcache import CachingEmbedder
-from agents.features import FEATURE_VERSION, FeatureExtractor, embed_conversations
+from agents.features import FEATURE_VERSION, FeatureExtractor
 from agents.heads import Calibration, Head, write_manifest
 from agents.labelled import (
     iter_gold,
@@ -37,6 +37,7 @@ from agents.labelled import (
     to_conversation,
 )
 from agents.metrics import best_f1_threshold, summarize
+from agents.pipeline import embed_conversations
 from models.embedder import BACKENDS, load_embedder
 
 log = logging.getLogger(__name__)
@@ -264,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     base = load_embedder(args.embedder)
     embedder = base if args.no_cache else CachingEmbedder(base)
     print(f"embedding {len(convs)} conversations with {embedder.model_id} ...", file=sys.stderr)
-    embedded = embed_conversations([to_conversation(c) for c in convs], embedder)
+    embedded = embed_conversations(embedder, [to_conversation(c) for c in convs])
     if isinstance(embedder, CachingEmbedder):
         embedder.flush()
     feats = FeatureExtractor(embedder)
