@@ -11,8 +11,9 @@ For a batch of uncertain (question, evidence) items the stage
    conversations and questions are waiting into engine batches run on a worker thread;
 4. retries failed or timed-out prompts a bounded number of times with exponential backoff, and
    after that reports them as ``llm-fallback``: the cascade then keeps the stage-1 answer,
-   marked ``<stage1>-fallback``. No prompt waits longer than
-   ``attempts x (timeout + backoff)``, so a stuck engine can delay a batch but never lose it.
+   marked ``<stage1>-fallback``. ``timeout_s`` is per engine batch: an attempt for n prompts
+   waits at most ``timeout_s x ceil(n / max_batch)``, so a stuck engine delays a batch by a
+   bounded time but never loses it.
 
 Metrics are callbacks (``on_cache(result, n)``, ``on_fallback(n)``): `agents` knows nothing of
 Prometheus; `stream.app` wires them to its counters.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -156,8 +158,11 @@ class LLMCascadeStage:
         out: list[float | None] = [None] * len(prompts)
         pending = list(range(len(prompts)))
         for attempt in range(1, self.attempts + 1):
+            # ``timeout_s`` bounds one engine batch; an attempt that needs k batches gets k times
+            # that, or a large request would time out while merely waiting in the queue.
+            budget = self.timeout_s * math.ceil(len(pending) / self.scheduler.max_batch)
             tasks = {asyncio.ensure_future(self.scheduler.score(prompts[i])): i for i in pending}
-            done, not_done = await asyncio.wait(tasks, timeout=self.timeout_s)
+            done, not_done = await asyncio.wait(tasks, timeout=budget)
             for t in not_done:
                 t.cancel()
             if not_done:
@@ -170,7 +175,7 @@ class LLMCascadeStage:
                     out[i] = float(t.result())
                     continue
                 if t in not_done:
-                    errors.append(TimeoutError(f"no answer within {self.timeout_s} s"))
+                    errors.append(TimeoutError(f"no answer within {budget:.1f} s"))
                     retry.append(i)
                 else:
                     exc = t.exception()

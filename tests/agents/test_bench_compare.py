@@ -1,0 +1,50 @@
+"""`flexor bench --compare --engine hf-tiny --limit 5` writes every field (real data, real engine)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stream.cli import main
+from tests.conftest import shared_file
+
+MODE_FIELDS = (
+    "conversations_per_s",
+    "llm_calls_per_conversation",
+    "llm_prompt_tokens_per_conversation",
+    "p50_ms",
+    "p95_ms",
+    "macro_f1",
+)
+
+
+def test_compare_writes_every_field(tmp_path: Path) -> None:
+    star, sgd = shared_file("star.jsonl.gz"), shared_file("sgd.jsonl.gz")
+    questions, answers = shared_file("questions.json"), shared_file("answers.jsonl.gz")
+    report = tmp_path / "report"
+    code = main([
+        "bench", "--compare", "--engine", "hf-tiny", "--limit", "5",
+        "--conversations", str(star), str(sgd), "--questions", str(questions), "--answers", str(answers),
+        "--report", str(report),
+    ])
+    assert code == 0
+    result = json.loads((report / "bench.json").read_text())
+    assert result["n"] == 5 and result["per_source"] == {"star": 3, "sgd": 2}
+    assert result["engine"] == "hf-tiny" and result["machine"]["cpus"] >= 1
+    for mode in ("baseline", "cascade"):
+        for field in MODE_FIELDS:
+            value = result[mode][field]
+            assert isinstance(value, (int, float)) and value >= 0, (mode, field, value)
+    b, c = result["baseline"], result["cascade"]
+    # The baseline makes two calls per asked question, over the whole conversation each time.
+    assert b["llm_calls_per_conversation"] == 2 * b["answers_per_conversation"]
+    assert b["answers_per_conversation"] == c["answers_per_conversation"]  # the same questions asked
+    assert c["llm_calls_per_conversation"] < b["llm_calls_per_conversation"]
+    assert set(result["ratios"]) >= {"throughput", "prompt_tokens"}
+    assert isinstance(result["ratios"]["throughput"], float) and result["ratios"]["throughput"] > 0
+    if c["llm_prompt_tokens_per_conversation"] > 0:
+        assert isinstance(result["ratios"]["prompt_tokens"], float) and result["ratios"]["prompt_tokens"] > 1
+    else:
+        assert result["ratios"]["prompt_tokens"] is None and result["notes"]
+    assert "| macro F1 |" in (report / "bench.md").read_text()
+    assert (report / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
