@@ -47,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=500, help="conversations to use")
     p.add_argument("--rate", type=float, default=None, help="--load: events per second")
     p.add_argument("--duration", type=float, default=600.0, help="--load: seconds of load")
+    p.add_argument("--load-factor", type=float, default=0.8,
+                   help="--load without --rate: rate as a fraction of the measured capacity (1.5 = overload)")
+    p.add_argument("--drain", type=float, default=60.0,
+                   help="--load: seconds after the load with nothing produced, to check nothing is lost")
     p.add_argument("--report", type=Path, required=True, help="directory for bench.json (and .md / .png)")
 
 

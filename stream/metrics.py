@@ -66,4 +66,7 @@ class Metrics:
         self.cache = Counter(
             "flexor_result_cache_total", "LLM result cache lookups", ["result"], registry=registry
         )
+        self.transactions = Counter(
+            "flexor_transactions_total", "Exactly-once batch transactions", ["result"], registry=registry
+        )
         self.ready = Gauge("flexor_ready", "1 when Kafka and Postgres are reachable", registry=registry)

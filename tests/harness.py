@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -41,11 +43,13 @@ async def create_topics(settings: Settings) -> None:
 
 
 @asynccontextmanager
-async def running_service(settings: Settings, join_timeout: float = 60) -> AsyncIterator[Running]:
+async def running_service(
+    settings: Settings, join_timeout: float = 60, create_topics: bool = True
+) -> AsyncIterator[Running]:
     """The real service in this event loop; yields once it owns partitions."""
     started: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(
-        run_service(settings, on_running=started.set_result, install_signals=False, create_topics=True)
+        run_service(settings, on_running=started.set_result, install_signals=False, create_topics=create_topics)
     )
     done, _ = await asyncio.wait({started, task}, timeout=join_timeout, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
@@ -75,14 +79,20 @@ async def produce(settings: Settings, events: list[Any], topic: str | None = Non
         await producer.stop()
 
 
-async def read_topic(settings: Settings, topic: str) -> list[ConsumerRecord]:  # type: ignore[type-arg]
+async def read_topic(  # type: ignore[type-arg]
+    settings: Settings, topic: str, isolation_level: str = "read_uncommitted"
+) -> list[ConsumerRecord]:
     """Every record of the topic, read up to the high-water mark of each partition."""
-    consumer = AIOKafkaConsumer(enable_auto_commit=False, **connection_kwargs(settings.kafka))
+    consumer = AIOKafkaConsumer(
+        enable_auto_commit=False, isolation_level=isolation_level,
+        # librdkafka's mock cluster writes transactional batches whose CRC aiokafka rejects.
+        check_crcs=False, **connection_kwargs(settings.kafka),
+    )
     await consumer.start()
     try:
         parts = consumer.partitions_for_topic(topic) or set()
         if not parts:
-            await consumer._client.force_metadata_update()  # noqa: SLF001
+            await consumer._client.force_metadata_update()
             parts = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(tps)
@@ -157,6 +167,10 @@ def service_env(settings: Settings) -> dict[str, str]:
             "FLEXOR_BATCH__MAX_EVENTS": str(settings.batch.max_events),
         }
     )
+    if settings.kafka.exactly_once:
+        env["FLEXOR_KAFKA__EXACTLY_ONCE"] = "true"
+        if settings.kafka.transactional_id:
+            env["FLEXOR_KAFKA__TRANSACTIONAL_ID"] = settings.kafka.transactional_id
     return env
 
 
@@ -172,3 +186,90 @@ def start_serve(settings: Settings, log_path: Path) -> subprocess.Popen:  # type
 def kill9(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
+
+
+def _key(e: dict[str, Any]) -> tuple[str, str, int]:
+    return (e["tenant_id"], e["conversation_id"], e["revision"])
+
+
+async def check_delivery(
+    settings: Settings,
+    inputs: list[dict[str, Any]],
+    *,
+    previous: list[dict[str, Any]] | None = None,
+    all_committed: bool = True,
+    registry: Any = None,
+    isolation_level: str = "read_uncommitted",
+) -> list[dict[str, Any]]:
+    """The delivery invariant. Every input revision has output events with exactly one distinct
+    event_id, Postgres agrees with the topic, the committed offsets cover only finished work, and
+    (`all_committed`) nothing is left in flight: every partition is committed to its end, and the
+    service's in-flight gauge (when its `registry` is given) is 0. Returns one event per key.
+
+    `previous`: inputs classified before the broker lost its (memory-only) topics; their rows may
+    be in Postgres without events in the topic.
+    """
+    outputs = [
+        orjson.loads(r.value)
+        for r in await read_topic(settings, settings.topics.output, isolation_level=isolation_level)
+    ]
+    ids: dict[tuple[str, str, int], set[str]] = defaultdict(set)
+    for ev in outputs:
+        ids[_key(ev)].add(ev["event_id"])
+    expected = {_key(e) for e in inputs}
+    missing, unexpected = expected - set(ids), set(ids) - expected
+    assert not missing and not unexpected, f"{len(missing)} revisions missing, {len(unexpected)} unexpected"
+    assert all(len(v) == 1 for v in ids.values()), "a revision has two different event_ids"
+
+    rows = {r["event_id"]: r for r in await classification_rows(settings)}
+    by_id = {ev["event_id"]: ev for ev in outputs}
+    earlier = {_key(e) for e in previous or []}
+    topic_rows = {i: r for i, r in rows.items() if i in by_id or _key(r["event"]) not in earlier}
+    assert set(topic_rows) == set(by_id), "Postgres rows and topic events differ"
+    for event_id, row in topic_rows.items():
+        assert row["event"]["answers"] == by_id[event_id]["answers"]
+    row_ids: dict[tuple[str, str, int], set[str]] = defaultdict(set)
+    for i, r in rows.items():
+        row_ids[_key(r["event"])].add(i)
+    assert all(len(row_ids[k]) == 1 for k in earlier), "an earlier revision lacks its row or has two"
+
+    # Every input below a committed position is finished: DLQ'd, or classified at this revision or
+    # a newer one (replays and stale revisions are acknowledged without output).
+    dlq = {
+        (int(dict(r.headers)["source.partition"]), int(dict(r.headers)["source.offset"]))
+        for r in await read_topic(settings, settings.topics.dlq, isolation_level=isolation_level)
+    }
+    newest: dict[tuple[str, str], int] = {}
+    for row in rows.values():
+        k = _key(row["event"])
+        newest[k[:2]] = max(newest.get(k[:2], -1), k[2])
+    records = {(r.partition, r.offset): r for r in await read_topic(settings, settings.topics.input)}
+    ends: dict[int, int] = defaultdict(int)
+    for p, o in records:
+        ends[p] = max(ends[p], o + 1)
+    positions = await committed(settings)
+    for partition, position in positions.items():
+        for offset in range(position):
+            if (partition, offset) in dlq:
+                continue
+            k = _key(orjson.loads(records[(partition, offset)].value))
+            assert newest.get(k[:2], -1) >= k[2], f"committed past unfinished {partition}@{offset}"
+    if all_committed:
+        assert positions == {p: ends[p] for p in positions}, f"left in flight: committed {positions}, ends {ends}"
+        if registry is not None:
+            assert registry.get_sample_value("flexor_in_flight_events") == 0, "the service reports work in flight"
+    return list(by_id.values())
+
+
+def record_outcome(name: str, **data: Any) -> None:
+    """A fault test's measured outcome: printed, and appended as a JSON line to $FAULTS_REPORT."""
+    line = json.dumps({"fault": name, **data}, sort_keys=True)
+    print(f"FAULT-OUTCOME {line}")
+    path = os.environ.get("FAULTS_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+def metric(registry: Any, name: str, labels: dict[str, str] | None = None) -> float:
+    return float(registry.get_sample_value(name, labels or {}) or 0.0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,8 @@ from stream.config import Settings
 from stream.produce import load_conversations
 from tests.conftest import EXAMPLES, shared_file
 from tests.harness import (
+    _key,
+    check_delivery,
     classification_rows,
     committed,
     count_rows,
@@ -28,46 +29,6 @@ from tests.harness import (
     start_serve,
     wait_until,
 )
-
-
-def _key(e: dict[str, Any]) -> tuple[str, str, int]:
-    return (e["tenant_id"], e["conversation_id"], e["revision"])
-
-
-async def check_delivery(settings: Settings, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every input revision has output events with exactly one distinct event_id, Postgres agrees
-    with the topic, and the committed offsets cover only finished work. Returns one event per key."""
-    outputs = [orjson.loads(r.value) for r in await read_topic(settings, settings.topics.output)]
-    ids: dict[tuple[str, str, int], set[str]] = defaultdict(set)
-    for ev in outputs:
-        ids[_key(ev)].add(ev["event_id"])
-    assert set(ids) == {_key(e) for e in inputs}, "some revisions are missing or unexpected"
-    assert all(len(v) == 1 for v in ids.values()), "a revision has two different event_ids"
-
-    rows = {r["event_id"]: r for r in await classification_rows(settings)}
-    by_id = {ev["event_id"]: ev for ev in outputs}
-    assert set(rows) == set(by_id), "Postgres rows and topic events differ"
-    for event_id, row in rows.items():
-        assert row["event"]["answers"] == by_id[event_id]["answers"]
-
-    # Every input below a committed position is finished: DLQ'd, or classified at this revision or
-    # a newer one (replays and stale revisions are acknowledged without output).
-    dlq = {
-        (int(dict(r.headers)["source.partition"]), int(dict(r.headers)["source.offset"]))
-        for r in await read_topic(settings, settings.topics.dlq)
-    }
-    newest: dict[tuple[str, str], int] = {}
-    for row in rows.values():
-        k = _key(row["event"])
-        newest[k[:2]] = max(newest.get(k[:2], -1), k[2])
-    records = {(r.partition, r.offset): r for r in await read_topic(settings, settings.topics.input)}
-    for partition, position in (await committed(settings)).items():
-        for offset in range(position):
-            if (partition, offset) in dlq:
-                continue
-            k = _key(orjson.loads(records[(partition, offset)].value))
-            assert newest.get(k[:2], -1) >= k[2], f"committed past unfinished {partition}@{offset}"
-    return list(by_id.values())
 
 
 def _shared_questions(tmp_path: Path) -> Path:
