@@ -79,6 +79,29 @@ def run(args: argparse.Namespace) -> int:
     return run_e2e(args)
 
 
+def embedded_settings(stack: Any, name: str, questions: Path | None, **extra: Any) -> Settings:
+    """Settings for a benchmark on an EmbeddedStack: fresh topics and group, a short session
+    timeout (Tansu admits a member after about half of it), metrics on a free loopback port."""
+    suffix = uuid.uuid4().hex[:8]
+    return load_settings(
+        None,
+        **{
+            "kafka.bootstrap_servers": stack.broker.bootstrap_servers,
+            "kafka.session_timeout_ms": 3000,
+            "kafka.heartbeat_interval_ms": 300,
+            "database_url": stack.postgres.url,
+            "topics.input": f"{name}-in-{suffix}",
+            "topics.output": f"{name}-out-{suffix}",
+            "topics.dlq": f"{name}-dlq-{suffix}",
+            "group_id": f"{name}-{suffix}",
+            "questions_file": questions or EXAMPLES / "questions.yaml",
+            "metrics_port": 0,
+            "metrics_host": "127.0.0.1",
+            **extra,
+        },
+    )
+
+
 # -- e2e --------------------------------------------------------------------------------------------
 
 
@@ -87,23 +110,7 @@ def run_e2e(args: argparse.Namespace) -> int:
 
     events = load_conversations(args.conversations[0], args.limit)
     with EmbeddedStack() as stack:
-        suffix = uuid.uuid4().hex[:8]
-        settings = load_settings(
-            None,
-            **{
-                "kafka.bootstrap_servers": stack.broker.bootstrap_servers,
-                "kafka.session_timeout_ms": 3000,
-                "kafka.heartbeat_interval_ms": 300,
-                "database_url": stack.postgres.url,
-                "topics.input": f"bench-in-{suffix}",
-                "topics.output": f"bench-out-{suffix}",
-                "topics.dlq": f"bench-dlq-{suffix}",
-                "group_id": f"bench-{suffix}",
-                "questions_file": args.questions or EXAMPLES / "questions.yaml",
-                "metrics_port": 0,
-                "metrics_host": "127.0.0.1",
-            },
-        )
+        settings = embedded_settings(stack, "bench", args.questions)
         result = asyncio.run(_e2e(settings, events))
     result["machine"] = machine()
     result["conversations"] = [str(p) for p in args.conversations]

@@ -23,15 +23,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
 
-from stream.bench import EXAMPLES, _OutputWatcher, machine, write_json
-from stream.config import Settings, load_settings
+from stream.bench import _OutputWatcher, embedded_settings, machine, write_json
+from stream.config import Settings, settings_env
 from stream.kafka import ensure_topics, make_producer
 from stream.produce import load_conversations
 
@@ -44,22 +43,9 @@ def run_load(args: argparse.Namespace) -> int:
         convs += load_conversations(path, args.limit)
     convs = convs[: args.limit]
     with EmbeddedStack() as stack:
-        suffix = uuid.uuid4().hex[:8]
-        settings = load_settings(
-            None,
-            **{
-                "kafka.bootstrap_servers": stack.broker.bootstrap_servers,
-                "kafka.session_timeout_ms": 6000,
-                "kafka.heartbeat_interval_ms": 500,
-                "database_url": stack.postgres.url,
-                "topics.input": f"load-in-{suffix}",
-                "topics.output": f"load-out-{suffix}",
-                "topics.dlq": f"load-dlq-{suffix}",
-                "group_id": f"load-{suffix}",
-                "questions_file": getattr(args, "questions", None) or EXAMPLES / "questions.yaml",
-                "metrics_port": free_port(),
-                "metrics_host": "127.0.0.1",
-            },
+        settings = embedded_settings(
+            stack, "load", getattr(args, "questions", None),
+            **{"kafka.session_timeout_ms": 6000, "kafka.heartbeat_interval_ms": 500, "metrics_port": free_port()},
         )
         result = asyncio.run(_load(settings, convs, args, stack.workdir / "serve.log"))
     result["machine"] = machine()
@@ -104,20 +90,7 @@ def _scrape(port: int) -> dict[str, float]:
 
 
 def _start_service(settings: Settings, log: Path) -> subprocess.Popen:  # type: ignore[type-arg]
-    env = dict(os.environ)
-    env.update({
-        "FLEXOR_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "FLEXOR_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
-        "FLEXOR_KAFKA__HEARTBEAT_INTERVAL_MS": str(settings.kafka.heartbeat_interval_ms),
-        "DATABASE_URL": settings.database_url.get_secret_value(),
-        "FLEXOR_TOPICS__INPUT": settings.topics.input,
-        "FLEXOR_TOPICS__OUTPUT": settings.topics.output,
-        "FLEXOR_TOPICS__DLQ": settings.topics.dlq,
-        "FLEXOR_GROUP_ID": settings.group_id,
-        "FLEXOR_QUESTIONS_FILE": str(settings.questions_file),
-        "FLEXOR_METRICS_PORT": str(settings.metrics_port),
-        "FLEXOR_METRICS_HOST": "127.0.0.1",
-    })
+    env = {**os.environ, **settings_env(settings)}
     flexor = Path(sys.executable).parent / "flexor"
     with open(log, "ab") as out:
         return subprocess.Popen([str(flexor), "serve"], env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -205,6 +205,30 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         _file_values.reset(token)
 
 
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings a `flexor serve` subprocess needs, as the FLEXOR_* variables it reads."""
+    env = {
+        "FLEXOR_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "FLEXOR_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
+        "FLEXOR_KAFKA__HEARTBEAT_INTERVAL_MS": str(settings.kafka.heartbeat_interval_ms),
+        "FLEXOR_KAFKA__EXACTLY_ONCE": str(settings.kafka.exactly_once).lower(),
+        "FLEXOR_DATABASE_URL": settings.database_url.get_secret_value(),
+        "FLEXOR_TOPICS__INPUT": settings.topics.input,
+        "FLEXOR_TOPICS__OUTPUT": settings.topics.output,
+        "FLEXOR_TOPICS__DLQ": settings.topics.dlq,
+        "FLEXOR_GROUP_ID": settings.group_id,
+        "FLEXOR_QUESTIONS_FILE": str(settings.questions_file),
+        "FLEXOR_METRICS_HOST": settings.metrics_host,
+        "FLEXOR_METRICS_PORT": str(settings.metrics_port),
+        "FLEXOR_BATCH__MAX_WAIT_MS": str(settings.batch.max_wait_ms),
+        "FLEXOR_BATCH__MAX_EVENTS": str(settings.batch.max_events),
+        "FLEXOR_BATCH__MAX_IN_FLIGHT": str(settings.batch.max_in_flight),
+    }
+    if settings.kafka.transactional_id:
+        env["FLEXOR_KAFKA__TRANSACTIONAL_ID"] = settings.kafka.transactional_id
+    return env
+
+
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = data

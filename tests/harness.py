@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from stream.app import Running, run_service
-from stream.config import Settings
+from stream.config import Settings, settings_env
 from stream.kafka import connection_kwargs, ensure_topics, make_producer
 from stream.produce import produce_events
 
@@ -150,28 +150,8 @@ async def count_rows(settings: Settings) -> int:
 
 def service_env(settings: Settings) -> dict[str, str]:
     """The settings as environment variables for a `flexor serve` subprocess."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "FLEXOR_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-            "FLEXOR_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
-            "FLEXOR_KAFKA__HEARTBEAT_INTERVAL_MS": str(settings.kafka.heartbeat_interval_ms),
-            "DATABASE_URL": settings.database_url.get_secret_value(),
-            "FLEXOR_TOPICS__INPUT": settings.topics.input,
-            "FLEXOR_TOPICS__OUTPUT": settings.topics.output,
-            "FLEXOR_TOPICS__DLQ": settings.topics.dlq,
-            "FLEXOR_GROUP_ID": settings.group_id,
-            "FLEXOR_QUESTIONS_FILE": str(settings.questions_file),
-            "FLEXOR_METRICS_PORT": "0",
-            "FLEXOR_BATCH__MAX_WAIT_MS": str(settings.batch.max_wait_ms),
-            "FLEXOR_BATCH__MAX_EVENTS": str(settings.batch.max_events),
-        }
-    )
-    if settings.kafka.exactly_once:
-        env["FLEXOR_KAFKA__EXACTLY_ONCE"] = "true"
-        if settings.kafka.transactional_id:
-            env["FLEXOR_KAFKA__TRANSACTIONAL_ID"] = settings.kafka.transactional_id
-    return env
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")}
+    return {**env, **settings_env(settings)}
 
 
 def start_serve(settings: Settings, log_path: Path) -> subprocess.Popen:  # type: ignore[type-arg]
