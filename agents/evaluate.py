@@ -30,6 +30,7 @@ from agents.embedcache import CachingEmbedder
 from agents.evidence import MemoryEvidenceStore
 from agents.labelled import (
     LabelledQuestion,
+    add_data_arguments,
     question_set,
     read_answers,
     read_conversations,
@@ -41,7 +42,7 @@ from agents.pipeline import Pipeline
 from agents.questions import QuestionSet
 from agents.similarity import SimilarityScorer
 from agents.types import Answer, Conversation
-from models.embedder import BACKENDS, Embedder, load_embedder
+from models.embedder import Embedder, load_embedder
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,9 @@ PATHS = {"head": "head", "few-shot": "few-shot", "similarity": "zero-shot", "llm
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--conversations", nargs="+", required=True, help="labelled conversation files")
-    parser.add_argument("--questions", required=True, help="questions.json")
-    parser.add_argument("--answers", required=True, help="answers.jsonl.gz (gold)")
-    parser.add_argument("--split", default="eval", choices=["train", "eval", "all"])
+    add_data_arguments(parser, split="eval")
     parser.add_argument("--heads", default=None, help="heads directory from `flexor train`")
     parser.add_argument("--report", required=True, help="directory for report.json, report.md and plots")
-    parser.add_argument("--embedder", default="onnx-int8", choices=BACKENDS)
-    parser.add_argument("--no-cache", action="store_true", help="embed everything (measures real throughput)")
-    parser.add_argument("--limit", type=int, default=None, help="at most this many conversations per file")
     parser.add_argument("--batch", type=int, default=BATCH, help="conversations per pipeline call")
     parser.add_argument("--no-progress", action="store_true")
 

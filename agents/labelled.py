@@ -12,6 +12,7 @@ holds questionnaire answers, i.e. leaked labels, and is never passed on.
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import os
@@ -199,3 +200,16 @@ def iter_gold(
                 idx.append(i)
                 y.append(a)
         yield q, idx, y
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
+    """The labelled-data arguments `flexor train` and `flexor eval` share."""
+    from models.embedder import BACKENDS
+
+    parser.add_argument("--conversations", nargs="+", required=True, help="labelled conversation files")
+    parser.add_argument("--questions", required=True, help="questions.json")
+    parser.add_argument("--answers", required=True, help="answers.jsonl.gz (gold)")
+    parser.add_argument("--split", default=split, choices=["train", "eval", "all"])
+    parser.add_argument("--embedder", default="onnx-int8", choices=BACKENDS)
+    parser.add_argument("--no-cache", action="store_true", help="embed everything, without the on-disk cache")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many conversations per file")

@@ -29,6 +29,7 @@ from agents.embedcache import CachingEmbedder
 from agents.features import FEATURE_VERSION, FeatureExtractor
 from agents.heads import Calibration, Head, write_manifest
 from agents.labelled import (
+    add_data_arguments,
     iter_gold,
     question_set,
     read_answers,
@@ -38,7 +39,7 @@ from agents.labelled import (
 )
 from agents.metrics import best_f1_threshold, summarize
 from agents.pipeline import embed_conversations
-from models.embedder import BACKENDS, load_embedder
+from models.embedder import load_embedder
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,24 @@ C_CHUNK = 1.0
 MIN_PER_CLASS = 3  # fewer yes (or no) rows than this: no head, the question keeps the zero-shot path
 
 
+
+def _make_head(
+    kind: str, head_id: str, question_id: str, question_text: str, embedder_id: str,
+    mean: np.ndarray, scale: np.ndarray, coef: np.ndarray, intercept: float, cal: Calibration,
+    threshold: float, y: np.ndarray, cv: dict[str, Any], **chunk_part: Any,
+) -> Head:
+    """The fields every head carries, whether trained on all rows or on a few shots."""
+    return Head(
+        head_id=head_id, question_id=question_id, question_text=question_text, kind=kind,
+        embedder_id=embedder_id, feature_version=FEATURE_VERSION, mean=mean, scale=scale, coef=coef,
+        intercept=intercept, calibration=cal, threshold=threshold, band=uncertain_band(threshold),
+        rows=len(y), n_yes=int(y.sum()), cv_metrics=_round(cv), **chunk_part,
+    )
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--conversations", nargs="+", required=True, help="labelled conversation files")
-    parser.add_argument("--questions", required=True, help="questions.json")
-    parser.add_argument("--answers", required=True, help="answers.jsonl.gz (gold)")
-    parser.add_argument("--split", default="train", choices=["train", "eval", "all"])
+    add_data_arguments(parser, split="train")
     parser.add_argument("--shots", type=int, default=None, help="train from K yes and K no rows per question")
     parser.add_argument("--out", required=True, help="heads directory to write")
-    parser.add_argument("--embedder", default="onnx-int8", choices=BACKENDS)
-    parser.add_argument("--no-cache", action="store_true", help="do not use the on-disk embedding cache")
-    parser.add_argument("--limit", type=int, default=None, help="at most this many conversations per file")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--only", nargs="*", default=None, help="train only these question ids")
 
@@ -154,27 +163,12 @@ def fit_head(
     cv["note"] = "out-of-fold; calibration and threshold were fitted on these same scores"
     coef, b = _logreg(z, y, c)
     chunk_coef, chunk_b = _chunk_logreg(chunk_vectors, y, C_CHUNK) if chunk_vectors is not None else (None, 0.0)
-    return Head(
+    return _make_head(
+        "head", head_id, question_id, question_text, embedder_id, mean, scale, coef, b, cal, threshold, y, cv,
         chunk_coef=chunk_coef,
         chunk_intercept=chunk_b,
         conv_div=conv_div,
         chunk_div=chunk_div if chunk_vectors is not None else 1.0,
-        head_id=head_id,
-        question_id=question_id,
-        question_text=question_text,
-        kind="head",
-        embedder_id=embedder_id,
-        feature_version=FEATURE_VERSION,
-        mean=mean,
-        scale=scale,
-        coef=coef,
-        intercept=b,
-        calibration=cal,
-        threshold=threshold,
-        band=uncertain_band(threshold),
-        rows=len(y),
-        n_yes=int(y.sum()),
-        cv_metrics=_round(cv),
     )
 
 
@@ -218,23 +212,8 @@ def fit_few_shot(
     cv = summarize(y, p_loo, p_loo >= threshold)
     cv["folds"] = "leave-one-out"
     w, b = direction(z, y)
-    return Head(
-        head_id=head_id,
-        question_id=question_id,
-        question_text=question_text,
-        kind="few-shot",
-        embedder_id=embedder_id,
-        feature_version=FEATURE_VERSION,
-        mean=mean,
-        scale=scale,
-        coef=w,
-        intercept=b,
-        calibration=cal,
-        threshold=threshold,
-        band=uncertain_band(threshold),
-        rows=len(y),
-        n_yes=int(y.sum()),
-        cv_metrics=_round(cv),
+    return _make_head(
+        "few-shot", head_id, question_id, question_text, embedder_id, mean, scale, w, b, cal, threshold, y, cv
     )
 
 

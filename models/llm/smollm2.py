@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
-from models.llm.cache import cache_dir, offline
+from models.llm.cache import build_model_dir, cache_dir, offline
 from models.llm.engine import EngineError
 
 log = logging.getLogger(__name__)
@@ -36,35 +34,25 @@ def gguf_path() -> Path:
 
 def ensure_smollm2(root: Path | None = None) -> Path:
     """The converted model directory, converting the GGUF on first use (about 10 s)."""
-    target = (root or cache_dir()) / "hf" / CACHE_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
+    return build_model_dir((root or cache_dir()) / "hf" / CACHE_NAME, _convert_gguf)
+
+
+def _convert_gguf(out: Path) -> None:
     offline()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = gguf_path()
-    log.info("converting %s to safetensors in %s (once)", source, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}-", dir=target.parent))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-        # The loader dequantises the weights but marks the model as GGUF-quantised, which
-        # save_pretrained refuses: copy the weights into a plain model of the same config.
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict())
-        tokenizer.save_pretrained(tmp)
-        model.save_pretrained(tmp)
-        tmp.chmod(0o755)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    log.info("converting %s to safetensors in %s (once)", source, out)
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    # The loader dequantises the weights but marks the model as GGUF-quantised, which
+    # save_pretrained refuses: copy the weights into a plain model of the same config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    tokenizer.save_pretrained(out)
+    model.save_pretrained(out)
+

@@ -9,11 +9,9 @@ transformers model in tests.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
-from models.llm.cache import cache_dir, offline
+from models.llm.cache import build_model_dir, cache_dir, offline
 
 TINY_NAME = "tiny-llama-v1"
 VOCAB_SIZE = 1024
@@ -98,19 +96,5 @@ def build_tiny_model(target: Path) -> None:
 
 def ensure_tiny_model(root: Path | None = None) -> Path:
     """The tiny model's directory, built on first use."""
-    target = (root or cache_dir()) / "hf" / TINY_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}-", dir=target.parent))
-    try:
-        build_tiny_model(tmp)
-        tmp.chmod(0o755)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_model_dir((root or cache_dir()) / "hf" / TINY_NAME, build_tiny_model)
+
