@@ -165,7 +165,11 @@ def macro_f1(
     answers: Sequence[Sequence[Answer]],
     gold: dict[tuple[str, str], bool],
 ) -> tuple[float | None, dict[str, dict[str, Any]]]:
-    """Mean F1 over the questions with at least one gold answer among these conversations."""
+    """Mean F1 over the questions with at least one gold *yes* among these conversations.
+
+    Every question is reported per question, but one without a positive has no defined F1
+    (precision and recall are 0/0) and would drag the mean to zero for both modes alike.
+    """
     by_key = {(a.question_id, cid): a for cid, row in zip(conv_ids, answers, strict=True) for a in row}
     per_q: dict[str, dict[str, Any]] = {}
     for q in questions:
@@ -179,7 +183,7 @@ def macro_f1(
         p, r, f = precision_recall_f1(y, pred)
         per_q[q.question_id] = {"n": len(rows), "n_yes": int(y.sum()), "n_pred_yes": int(pred.sum()),
                                 "precision": round(p, 4), "recall": round(r, 4), "f1": round(f, 4)}
-    f1s = [e["f1"] for e in per_q.values()]
+    f1s = [e["f1"] for e in per_q.values() if e["n_yes"]]
     return (float(np.mean(f1s)) if f1s else None), per_q
 
 

@@ -1,19 +1,23 @@
 """Trained question heads: artifacts on disk, and the stage-1 `HeadScorer` the cascade uses.
 
-A head has two linear parts whose scores are added (each divided by its cross-validated spread):
+A head has up to three linear parts whose scores are added (each divided by its cross-validated
+spread, so they meet on one scale):
 - conversation part: standardise -> logistic regression over `agents.features` rows;
 - chunk part (multiple-instance): a logistic regression over single chunk embeddings, trained
   with every chunk carrying its conversation's label, scored as the mean of the conversation's
   two best chunks. It finds an intent that is only one of several in a conversation, where
-  pooled features blur it.
+  pooled features blur it;
+- lexical part: a logistic regression over the TF-IDF rows of `agents.lexical` (the words each
+  side used), which embeddings of whole chunks blur.
 A monotone calibration map fitted on cross-validated scores makes ``p_yes`` a probability. A
 head carries its own decision threshold and uncertain band. Few-shot heads have no chunk part.
 
 Layout of a heads directory (no pickles: numpy arrays and JSON only)::
 
     DIR/manifest.json          embedder id, feature version, one entry per question
+    DIR/lexicon.json           TF-IDF vocabulary and IDF per side (when heads have a lexical part)
     DIR/<head id>/head.json    question, kind (head | few-shot), threshold, band, calibration, metrics
-    DIR/<head id>/weights.npz  mean, scale, coef, intercept, calibration points
+    DIR/<head id>/weights.npz  mean, scale, coef, intercept, calibration points, chunk and lexical coefs
 
 The head id is ``<question id>`` and questions.yaml points a question at it with ``head:``.
 """
@@ -31,8 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from agents.features import FEATURE_VERSION, FeatureExtractor
+from agents.lexical import LEXICON_FILE, Lexicon
 from agents.questions import Question
 from agents.types import EmbeddedConversation
 from models.embedder import Embedder
@@ -87,18 +93,35 @@ class Head:
     chunk_intercept: float = 0.0
     conv_div: float = 1.0
     chunk_div: float = 1.0
+    lex_coef: np.ndarray | None = None
+    lex_intercept: float = 0.0
+    lex_div: float = 1.0
 
-    def score(self, x: np.ndarray, chunk_vectors: Sequence[np.ndarray] | None = None) -> np.ndarray:
-        """Uncalibrated score: conversation part (+ chunk part when the head has one)."""
+    def score(
+        self,
+        x: np.ndarray,
+        chunk_vectors: Sequence[np.ndarray] | None = None,
+        lexical: sp.csr_matrix | None = None,
+    ) -> np.ndarray:
+        """Uncalibrated score: conversation part (+ chunk and lexical parts when the head has them)."""
         s = (((x - self.mean) / self.scale) @ self.coef + self.intercept) / self.conv_div
         if self.chunk_coef is not None:
             if chunk_vectors is None:
                 raise ValueError(f"head {self.head_id} needs the conversations' chunk vectors")
             s = s + chunk_scores(chunk_vectors, self.chunk_coef, self.chunk_intercept) / self.chunk_div
+        if self.lex_coef is not None:
+            if lexical is None:
+                raise ValueError(f"head {self.head_id} needs the conversations' lexical rows ({LEXICON_FILE})")
+            s = s + (np.asarray(lexical @ self.lex_coef).reshape(-1) + self.lex_intercept) / self.lex_div
         return s
 
-    def p_yes(self, x: np.ndarray, chunk_vectors: Sequence[np.ndarray] | None = None) -> np.ndarray:
-        return np.clip(self.calibration(self.score(x, chunk_vectors)), 0.0, 1.0)
+    def p_yes(
+        self,
+        x: np.ndarray,
+        chunk_vectors: Sequence[np.ndarray] | None = None,
+        lexical: sp.csr_matrix | None = None,
+    ) -> np.ndarray:
+        return np.clip(self.calibration(self.score(x, chunk_vectors, lexical)), 0.0, 1.0)
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -119,6 +142,9 @@ class Head:
             "chunk_intercept": self.chunk_intercept,
             "conv_div": self.conv_div,
             "chunk_div": self.chunk_div,
+            "lexical_part": self.lex_coef is not None,
+            "lex_intercept": self.lex_intercept,
+            "lex_div": self.lex_div,
             "created": self.created,
         }
 
@@ -135,6 +161,7 @@ class Head:
             cal_xs=np.asarray(self.calibration.xs, np.float64),
             cal_ys=np.asarray(self.calibration.ys, np.float64),
             chunk_coef=np.zeros(0) if self.chunk_coef is None else self.chunk_coef.astype(np.float64),
+            lex_coef=np.zeros(0) if self.lex_coef is None else self.lex_coef.astype(np.float64),
         )
         os.replace(tmp, d / "weights.npz")
         _write_json(d / "head.json", self.meta())
@@ -175,6 +202,9 @@ class Head:
                 chunk_intercept=float(meta.get("chunk_intercept", 0.0)),
                 conv_div=float(meta.get("conv_div", 1.0)),
                 chunk_div=float(meta.get("chunk_div", 1.0)),
+                lex_coef=z["lex_coef"].astype(np.float64) if meta.get("lexical_part") else None,
+                lex_intercept=float(meta.get("lex_intercept", 0.0)),
+                lex_div=float(meta.get("lex_div", 1.0)),
             )
 
 
@@ -224,12 +254,21 @@ class HeadScorer:
     batch (the pipeline calls p_yes once per question on overlapping subsets).
     """
 
-    def __init__(self, heads: Mapping[str, Head], features: FeatureExtractor, decided_by: str = "head") -> None:
+    def __init__(
+        self,
+        heads: Mapping[str, Head],
+        features: FeatureExtractor,
+        decided_by: str = "head",
+        lexicon: Lexicon | None = None,
+    ) -> None:
         self.heads = dict(heads)
         self.features = features
         self.decided_by = decided_by
-        self._memo: dict[int, tuple[EmbeddedConversation, np.ndarray]] = {}
+        self.lexicon = lexicon
+        self._memo: dict[int, tuple[EmbeddedConversation, np.ndarray, sp.csr_matrix | None]] = {}
         for h in self.heads.values():
+            if h.lex_coef is not None and (lexicon is None or lexicon.dim != len(h.lex_coef)):
+                raise HeadMismatch(f"head {h.head_id} has a lexical part but its {LEXICON_FILE} is missing or differs")
             if h.embedder_id != features.model_id:
                 raise HeadMismatch(f"head {h.head_id} was trained on {h.embedder_id}, not {features.model_id}")
             if h.feature_version != features.version:
@@ -244,16 +283,21 @@ class HeadScorer:
         except KeyError:
             raise KeyError(f"no head {head_id!r} loaded for question {question.id}") from None
 
-    def transform(self, convs: Sequence[EmbeddedConversation]) -> np.ndarray:
+    def transform(self, convs: Sequence[EmbeddedConversation]) -> tuple[np.ndarray, sp.csr_matrix | None]:
+        """(feature rows, lexical rows or None), computed once per conversation object."""
         if len(self._memo) > 50_000:
             self._memo.clear()
         todo = [c for c in convs if id(c) not in self._memo or self._memo[id(c)][0] is not c]
         if todo:
-            for c, row in zip(todo, self.features.transform(todo), strict=True):
-                self._memo[id(c)] = (c, row)
+            rows = self.features.transform(todo)
+            lex = self.lexicon.transform([c.conversation for c in todo]) if self.lexicon is not None else None
+            for i, c in enumerate(todo):
+                self._memo[id(c)] = (c, rows[i], lex[i] if lex is not None else None)
         if not convs:
-            return np.zeros((0, self.features.dim), np.float32)
-        return np.stack([self._memo[id(c)][1] for c in convs])
+            return np.zeros((0, self.features.dim), np.float32), None
+        memo = [self._memo[id(c)] for c in convs]
+        lexical = sp.vstack([m[2] for m in memo], format="csr") if self.lexicon is not None else None
+        return np.stack([m[1] for m in memo]), lexical
 
     def forget(self) -> None:
         self._memo.clear()
@@ -261,7 +305,8 @@ class HeadScorer:
     def p_yes(self, question: Question, convs: Sequence[EmbeddedConversation]) -> np.ndarray:
         if not convs:
             return np.zeros(0)
-        return self._head(question).p_yes(self.transform(convs), [c.vectors for c in convs])
+        x, lexical = self.transform(convs)
+        return self._head(question).p_yes(x, [c.vectors for c in convs], lexical)
 
     def threshold(self, question: Question) -> float:
         return self._head(question).threshold
@@ -301,7 +346,11 @@ def load_heads(
         head = Head.load(d)
         heads[head.head_id] = head
         digest.update((d / "head.json").read_bytes())
-    scorer = HeadScorer(heads, features or FeatureExtractor(embedder))
+    lexicon = None
+    if (root / LEXICON_FILE).exists():
+        lexicon = Lexicon.load(root)
+        digest.update((root / LEXICON_FILE).read_bytes())
+    scorer = HeadScorer(heads, features or FeatureExtractor(embedder), lexicon=lexicon)
     views = {kind: _KindView(scorer, kind) for kind in {h.kind for h in heads.values()}}
     version = f"{FEATURE_VERSION}-{digest.hexdigest()[:12]}" if heads else "none"
     return {hid: views[h.kind] for hid, h in heads.items()}, version

@@ -23,7 +23,7 @@ import asyncpg
 
 log = logging.getLogger(__name__)
 
-KEY_VERSION = "1"  # bump when the key's recipe changes
+KEY_VERSION = "2"  # bump when the key's recipe changes
 
 _GET_SQL = "SELECT key, p_yes FROM llm_results WHERE key = ANY($1::text[])"
 _PUT_SQL = """

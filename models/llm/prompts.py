@@ -3,7 +3,9 @@
 Layout of every prompt (templates/NAME.vN.txt):
 1. a fixed instruction prefix, identical for every prompt of a template, so the engine's
    prefix / KV-block reuse applies across a batch;
-2. the conversation material, quoted between tags. Conversation text is data: ``quote`` turns
+2. the conversation material, quoted between tags. Evidence excerpts lose the sentences that
+   address the model (``guard.strip_instructions``; the seed baseline's transcript is kept raw,
+   as the seed sent it). Conversation text is data: ``quote`` turns
    "<" and ">" into "‹" and "›" (one character each, so offsets are kept), so no text from a
    conversation can close the quote or open a tag of its own;
 3. the question, last, then the cue for a one-word answer ("Answer (yes or no):").
@@ -23,6 +25,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from models.llm.guard import strip_instructions
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +51,10 @@ def quote(text: str) -> str:
 
 
 def format_evidence(evidence: Sequence[str]) -> str:
-    """Each excerpt quoted and enclosed in its own <evidence> block."""
-    blocks = [f"<evidence>\n{quote(e.strip())}\n</evidence>" for e in evidence if e.strip()]
+    """Each excerpt, without sentences that address the model (``guard``), quoted and enclosed
+    in its own <evidence> block."""
+    texts = [strip_instructions(e)[0].strip() for e in evidence]
+    blocks = [f"<evidence>\n{quote(t)}\n</evidence>" for t in texts if t]
     return "\n".join(blocks) if blocks else NO_EVIDENCE
 
 

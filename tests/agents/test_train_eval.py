@@ -49,6 +49,7 @@ def test_train_writes_versioned_heads_and_manifest(trained: tuple[Path, Path]) -
     manifest = json.loads((heads / "manifest.json").read_text())
     assert manifest["embedder_id"].startswith("all-MiniLM-L6-v2")
     assert manifest["feature_version"] and manifest["split"] == "train"
+    assert manifest["lexicon"] and (heads / "lexicon.json").exists()  # heads carry the lexical part
     entries = manifest["questions"]
     assert len(entries) == 13
     with_head = {q for q, e in entries.items() if e["head"]}
@@ -57,6 +58,7 @@ def test_train_writes_versioned_heads_and_manifest(trained: tuple[Path, Path]) -
         e = entries[q]
         assert (heads / e["head"] / "weights.npz").exists()
         assert e["rows"] > 0 and 0 < e["threshold"] < 1 and "f1" in e["cv_metrics"]
+        assert json.loads((heads / e["head"] / "head.json").read_text())["lexical_part"]
     # a question too rare for the slice says it keeps the zero-shot path
     for e in entries.values():
         if not e["head"]:

@@ -1,4 +1,5 @@
-"""Fault injection (issue 5): crash, replica loss, Postgres outage, broker restart, bad questions edit.
+"""Fault injection (issue 5): crash, replica loss, Postgres outage, broker restart, LLM engine down,
+bad questions edit.
 
 Each test produces a known set of conversations, injects the fault, lets the service recover on its
 own, then checks the delivery invariant (`tests.harness.check_delivery`): every input revision has
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from stream.config import Settings
 from stream.infra import EmbeddedBroker, EmbeddedPostgres
@@ -288,6 +291,41 @@ async def test_broker_restart_reconnects(settings: Settings, private_broker: Emb
     await check_delivery(settings, after, previous=before, registry=reg)
     record_outcome("broker_restart", events=len(before) + len(after), detect_down_s=round(down_detect_s, 1),
                    restart_to_all_classified_s=round(resume_s, 1), **await _output_stats(settings))
+
+
+# -- 5. LLM engine errors: bounded retries, then the stage-1 answer marked as a fallback -------------
+
+
+async def test_llm_engine_down_falls_back_and_loses_nothing(settings: Settings, tmp_path: Path) -> None:
+    # Every answer goes to the LLM (band [0, 1]); the engine is an OpenAI-compatible endpoint on a
+    # port nothing listens on, so every request fails with a real connection error.
+    spec = yaml.safe_load((EXAMPLES / "questions.yaml").read_text())
+    for q in spec["questions"]:
+        q["band"] = [0.0, 1.0]
+    questions = tmp_path / "questions.yaml"
+    questions.write_text(yaml.safe_dump(spec))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    settings = settings.model_copy(update={
+        "questions_file": questions,
+        "models": settings.models.model_copy(update={"llm": f"openai:http://127.0.0.1:{dead_port}"}),
+    })
+    inputs = _conversations(12)
+    await create_topics(settings)
+    t0 = time.monotonic()
+    async with running_service(settings) as running:
+        await produce(settings, inputs)
+        await wait_until(lambda: _rows_at_least(settings, len(inputs)), 180, "classification with the LLM down")
+        registry = running.metrics.registry
+        fallbacks = metric(registry, "flexor_llm_fallbacks_total")
+        elapsed = time.monotonic() - t0
+        events = await check_delivery(settings, inputs, registry=registry)
+    answers = [a for ev in events for a in ev["answers"]]
+    assert answers and all(a["decided_by"].endswith("-fallback") for a in answers)
+    assert fallbacks == len(answers)
+    record_outcome("llm_engine_down", events=len(inputs), answers=len(answers), fallbacks=int(fallbacks),
+                   all_classified_s=round(elapsed, 1), **await _output_stats(settings))
 
 
 # -- questions: a bad edit mid-stream keeps the previous set ----------------------------------------
