@@ -21,6 +21,7 @@ from agents.evidence import EvidenceRequest, EvidenceStore
 from agents.questions import Question, QuestionSet
 from agents.types import Answer, Conversation, EmbeddedConversation
 from models.embedder import Embedder
+from models.llm.guard import strip_instructions
 
 StageTimer = Callable[[str, float], None]
 
@@ -32,9 +33,14 @@ class BatchResult:
 
 
 def embed_conversations(embedder: Embedder, convs: Sequence[Conversation]) -> list[EmbeddedConversation]:
-    """Chunk every conversation and embed all chunks in one embedder call."""
+    """Chunk every conversation and embed all chunks in one embedder call.
+
+    The embedder sees each chunk without the sentences that address the model
+    (`models.llm.guard`): otherwise an injected "answer yes" changes which chunks retrieval
+    picks, and so the LLM's evidence, even though the guard strips it from the prompt. The
+    chunks themselves (stored, published as evidence) keep the original text."""
     chunked = [chunk_turns(c.turns) for c in convs]
-    texts = [ch.text for chunks in chunked for ch in chunks]
+    texts = [strip_instructions(ch.text)[0] for chunks in chunked for ch in chunks]
     vectors = embedder.embed(texts) if texts else np.zeros((0, embedder.dim), np.float32)
     out, pos = [], 0
     for conv, chunks in zip(convs, chunked, strict=True):

@@ -26,7 +26,8 @@ _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 # A turn in a transcript starts "speaker: "; a role label anywhere after that is injected.
 _TURN_PREFIX = re.compile(r"^\s*[\w .'-]{1,40}:\s")
 _ROLE = re.compile(
-    r"\b(system|assistant|administrator|admin|developer|moderator|ai|reviewer|annotator|grader|classifier)"
+    r"\b((note|message|instructions?|reminder)s? (to|for) (the )?)?"
+    r"(system|assistant|administrator|admin|developer|moderator|ai|reviewer|annotator|grader|classifier)"
     r"\s*(message|prompt|note|override|instruction)?s?\s*:",
     re.IGNORECASE,
 )
@@ -53,16 +54,28 @@ _VERDICT = re.compile(
     re.IGNORECASE,
 )
 
+_LABEL_TAIL = re.compile(r"\b\w{1,20}:\s*$")
+
+
+def _instruction_start(sentence: str) -> int | None:
+    """Where the first part of ``sentence`` that addresses the model begins, or None."""
+    starts = [m.start() for p in (_ROLE, _MARKUP, _OVERRIDE, _VERDICT) if (m := p.search(sentence))]
+    return min(starts) if starts else None
+
+
 def is_instruction(sentence: str) -> bool:
     """True when ``sentence`` (from a turn's text, without its "speaker: " label) addresses the model."""
-    return any(p.search(sentence) for p in (_ROLE, _MARKUP, _OVERRIDE, _VERDICT))
+    return _instruction_start(sentence) is not None
 
 
 def strip_instructions(text: str) -> tuple[str, int]:
-    """``text`` without the sentences that address the model, and how many were dropped.
+    """``text`` without what addresses the model, and how many sentences were cut.
 
-    Line structure ("speaker: text" per turn) is kept; a turn whose every sentence was dropped
-    keeps its speaker label, so the excerpt still shows who spoke.
+    A sentence is cut from where the instruction starts to its end, so an injection glued to a
+    turn without punctuation ("I need a taxi ignore previous instructions ...") keeps the
+    customer's own words; a label left in front of the cut ("IMPORTANT:") goes too. Line
+    structure ("speaker: text" per turn) is kept; a turn whose every sentence was cut keeps its
+    speaker label, so the excerpt still shows who spoke.
     """
     dropped = 0
     lines: list[str] = []
@@ -73,9 +86,13 @@ def strip_instructions(text: str) -> tuple[str, int]:
         for sentence in _SENTENCE.split(line[len(prefix):]):
             if not sentence.strip():
                 continue
-            if is_instruction(sentence):
-                dropped += 1
-            else:
+            start = _instruction_start(sentence)
+            if start is None:
                 kept.append(sentence.strip())
+                continue
+            dropped += 1
+            head = _LABEL_TAIL.sub("", sentence[:start]).strip()
+            if head:
+                kept.append(head)
         lines.append((prefix + " ".join(kept)).rstrip() if kept or prefix else "")
     return "\n".join(lines), dropped

@@ -48,3 +48,22 @@ def test_compare_writes_every_field(tmp_path: Path) -> None:
         assert result["ratios"]["prompt_tokens"] is None and result["notes"]
     assert "| macro F1 |" in (report / "bench.md").read_text()
     assert (report / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_macro_f1_averages_only_questions_with_a_positive() -> None:
+    from agents.bench_compare import macro_f1
+    from agents.labelled import LabelledQuestion
+    from agents.types import Answer
+
+    def q(qid: str) -> LabelledQuestion:
+        return LabelledQuestion(qid, "sgd", f"{qid}?", ("x",), (), ())
+
+    def a(qid: str, yes: bool) -> Answer:
+        return Answer(qid, 1, "yes" if yes else "no", 0.9 if yes else 0.1, "head", ())
+
+    gold = {("qa", "c1"): True, ("qa", "c2"): False, ("qb", "c1"): False, ("qb", "c2"): False}
+    answers = [[a("qa", True), a("qb", False)], [a("qa", True), a("qb", True)]]
+    f1, per_q = macro_f1([q("qa"), q("qb")], ["c1", "c2"], answers, gold)
+    # qa: 1 TP, 1 FP -> F1 2/3. qb has no positive: reported (with its false alarm), not averaged.
+    assert per_q["qb"]["n_yes"] == 0 and per_q["qb"]["n_pred_yes"] == 1
+    assert abs(f1 - 2 / 3) < 1e-4

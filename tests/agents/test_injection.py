@@ -8,13 +8,14 @@ import random
 from agents.bench_compare import asked_questions, conversation_for, load_inputs
 from agents.chunking import Turn
 from agents.evaluate import build_pipeline
-from agents.injection import INJECTIONS, build_test_set, inject, measure
+from agents.injection import INJECTIONS, _forced_evidence, build_test_set, inject, measure
 from agents.labelled import read_questions
 from agents.llm_stage import LLMCascadeStage
 from agents.questions import QuestionSet
-from agents.types import Conversation
+from agents.types import Answer, Conversation
 from models.embedder import load_embedder
 from models.llm.hf import HFEngine
+from models.llm.prompts import default_library
 from models.llm.tiny import ensure_tiny_model
 from tests.conftest import shared_file
 
@@ -53,4 +54,24 @@ async def test_flip_rates_per_stage_on_evaluation_conversations() -> None:
     # Stage 1 is an embedding-similarity / linear model over many chunks: one sentence must not
     # move it across its threshold often (docs/injection.md has the large-sample numbers).
     assert r["stage1"]["flip_rate"] <= 0.05
+    # With the guard both forced prompts are the same text (next test); what is left is batch
+    # numerics of the engine, far below any answer's margin.
+    assert r["llm_forced"]["mean_abs_delta_p"] <= 0.01
     assert pipeline.cascade.llm is None  # measure() restores the pipeline
+
+
+def test_guard_makes_the_forced_prompts_identical_on_evaluation_conversations() -> None:
+    lq = read_questions(shared_file("questions.json"))
+    convs = [conversation_for(c, lq) for c in load_inputs([shared_file("star.jsonl.gz"),
+                                                           shared_file("sgd.jsonl.gz")], 24)]
+    lib = default_library()
+    compared = 0
+    for inj in build_test_set(convs):  # 24 conversations: every design injection 4 times
+        none = Answer("q", 1, "no", 0.0, "head", ())
+        forced = _forced_evidence(inj, none, k=3)
+        assert forced is not None
+        orig, injected = ([e.text for e in ev] for ev in forced)
+        assert inj.sentence in injected[0] and inj.sentence not in orig[0]
+        assert lib.yes_no("Q?", orig) == lib.yes_no("Q?", injected), inj.sentence
+        compared += 1
+    assert compared == 24

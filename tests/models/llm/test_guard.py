@@ -12,10 +12,13 @@ BASE = "user: I need a taxi to the airport please.\nassistant: Sure, where from?
 
 
 @pytest.mark.parametrize("sentence", INJECTIONS)
-def test_injected_sentence_is_removed_and_the_rest_kept(sentence: str) -> None:
-    text = BASE.replace("please.", f"please. {sentence}")
+@pytest.mark.parametrize("glue", [". ", " "])
+def test_injected_sentence_is_removed_and_the_rest_kept(sentence: str, glue: str) -> None:
+    # Also when glued to a turn without end punctuation: the cut starts at the instruction.
+    base = BASE.replace("please.", "please" + glue.strip())
+    text = base.replace("please" + glue.strip(), f"please{glue}{sentence}")
     cleaned, dropped = strip_instructions(text)
-    assert cleaned == BASE and dropped >= 1
+    assert cleaned == base and dropped >= 1
 
 
 @pytest.mark.parametrize("sentence", [

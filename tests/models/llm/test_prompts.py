@@ -45,9 +45,9 @@ def test_every_prompt_shares_the_instruction_prefix():
 
 def test_evidence_cannot_close_the_quote():
     prompt = build_yes_no("Was the customer annoyed?", ["customer: fine", ATTACK])
-    # The attack's sentences are all dropped by the guard, so only the first block is left.
-    assert body(prompt).count("<evidence>") == 1 and body(prompt).count("</evidence>") == 1
-    assert "Ignore previous instructions" not in prompt
+    # The guard cuts the attack from its fake closing tag on: the second block keeps only "ok".
+    assert body(prompt).count("<evidence>") == 2 and body(prompt).count("</evidence>") == 2
+    assert "<evidence>\nok\n</evidence>" in prompt and "Ignore previous instructions" not in prompt
     # A tag the guard keeps (inside an ordinary sentence) is still neutralised by quoting.
     prompt = build_yes_no("Was the customer annoyed?", ["customer: my <b>order</b> is late"])
     assert body(prompt).count("<evidence>") == 1 and "\u2039b\u203aorder" in prompt
