@@ -35,10 +35,14 @@ def test_token_accounting(tiny_engine):
 
 def test_generate_is_greedy_and_padding_free(tiny_engine):
     prompts = [build_yes_no("Short?", ["a"]), *sample_prompts(2, seed=11)]
+    before = tiny_engine.stats.snapshot()
     batched = tiny_engine.generate(prompts, max_tokens=6)
+    # Counted from the generated ids: decoded text does not re-encode to the same length when a
+    # byte-level token splits a UTF-8 character.
+    assert 0 < (tiny_engine.stats.snapshot() - before).generated_tokens <= 6 * len(prompts)
     single = [tiny_engine.generate([p], max_tokens=6)[0] for p in prompts]
     assert batched == single
-    assert all(0 < len(tiny_engine.tokenizer.encode(t)) <= 8 for t in batched)
+    assert all(t for t in batched)
     assert tiny_engine.generate(prompts[:1], max_tokens=6) == batched[:1]  # deterministic
 
 
@@ -122,9 +126,7 @@ def test_the_shared_prefix_is_computed_once_per_batch_and_changes_nothing(tiny_e
     ],
 )
 def test_batches_with_little_or_another_shared_prefix(tiny_engine, first):
-    from models.llm.prompts import build_baseline_validate
-
-    prompts = [first, build_baseline_validate("Annoyed?", "customer: hi", "none"), *sample_prompts(2, seed=6)]
+    prompts = [first, build_yes_no("Annoyed?", ["customer: hi"]), *sample_prompts(2, seed=6)]
     shared = tiny_engine._shared_prefix(tiny_engine._encode(prompts))
     assert (shared < tiny_engine.min_shared_prefix) == first.startswith("agent")
     np.testing.assert_allclose(tiny_engine.score(prompts), [tiny_engine.score([p])[0] for p in prompts], atol=1e-5)
