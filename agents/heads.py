@@ -1,7 +1,7 @@
 """Trained question heads: artifacts on disk, and the stage-1 `HeadScorer` the cascade uses.
 
-A head has up to three linear parts whose scores are added (each divided by its cross-validated
-spread, so they meet on one scale):
+A head has up to three linear parts whose scores are added, each divided by its cross-validated
+spread over its stacking weight (`agents.train._part_divisors`):
 - conversation part: standardise -> logistic regression over `agents.features` rows;
 - chunk part (multiple-instance): a logistic regression over single chunk embeddings, trained
   with every chunk carrying its conversation's label, scored as the mean of the conversation's
@@ -10,7 +10,8 @@ spread, so they meet on one scale):
 - lexical part: a logistic regression over the TF-IDF rows of `agents.lexical` (the words each
   side used), which embeddings of whole chunks blur.
 A monotone calibration map fitted on cross-validated scores makes ``p_yes`` a probability. A
-head carries its own decision threshold and uncertain band. Few-shot heads have no chunk part.
+head carries its own decision threshold and uncertain band. Few-shot heads have neither a chunk
+nor a lexical part.
 
 Layout of a heads directory (no pickles: numpy arrays and JSON only)::
 
