@@ -58,6 +58,11 @@ def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
 
 
+def sources(paths: list[Path]) -> list[str]:
+    """Input files as results name them: file names only, so a result reads the same on any machine."""
+    return [Path(p).name for p in paths]
+
+
 def write_json(report: Path, data: dict[str, Any]) -> Path:
     report.mkdir(parents=True, exist_ok=True)
     path = report / "bench.json"
@@ -113,7 +118,7 @@ def run_e2e(args: argparse.Namespace) -> int:
         settings = embedded_settings(stack, "bench", args.questions)
         result = asyncio.run(_e2e(settings, events))
     result["machine"] = machine()
-    result["conversations"] = [str(p) for p in args.conversations]
+    result["conversations"] = sources(args.conversations)
     path = write_json(args.report, result)
     e, o = result["e2e"], result["embed_only"]
     print(

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from stream.bench import _OutputWatcher, embedded_settings, machine, write_json
+from stream.bench import _OutputWatcher, embedded_settings, machine, sources, write_json
 from stream.config import Settings, settings_env
 from stream.kafka import ensure_topics, make_producer
 from stream.produce import load_conversations
@@ -49,7 +49,7 @@ def run_load(args: argparse.Namespace) -> int:
         )
         result = asyncio.run(_load(settings, convs, args, stack.workdir / "serve.log"))
     result["machine"] = machine()
-    result["conversations"] = [str(p) for p in args.conversations]
+    result["conversations"] = sources(args.conversations)
     path = write_json(args.report, result)
     _chart(result, args.report / "load.png")
     s = result["summary"]
