@@ -17,11 +17,19 @@ STRIDE_TURNS = 2
 MAX_CHUNK_CHARS = 1200
 
 
+# Speaker names that mean the customer side of a conversation; every other speaker is the agent.
+CUSTOMER_SPEAKERS = frozenset({"user", "customer", "client", "caller"})
+
+
 @dataclass(frozen=True, slots=True)
 class Turn:
     turn_id: str
     speaker: str
     text: str
+
+    @property
+    def from_customer(self) -> bool:
+        return self.speaker.lower() in CUSTOMER_SPEAKERS
 
 
 @dataclass(frozen=True, slots=True)

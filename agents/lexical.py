@@ -27,7 +27,6 @@ from agents.types import Conversation
 
 LEXICON_FILE = "lexicon.json"
 LEXICON_VERSION = "l1"
-CUSTOMER_SPEAKERS = frozenset({"user", "customer", "client", "caller"})
 MIN_DF = 3
 MAX_TERMS = 100_000  # per side
 
@@ -36,8 +35,8 @@ def sides(convs: Sequence[Conversation]) -> tuple[list[str], list[str]]:
     """(customer text, agent text) per conversation."""
     customer, agent = [], []
     for c in convs:
-        customer.append(" ".join(t.text for t in c.turns if t.speaker.lower() in CUSTOMER_SPEAKERS))
-        agent.append(" ".join(t.text for t in c.turns if t.speaker.lower() not in CUSTOMER_SPEAKERS))
+        customer.append(" ".join(t.text for t in c.turns if t.from_customer))
+        agent.append(" ".join(t.text for t in c.turns if not t.from_customer))
     return customer, agent
 
 
