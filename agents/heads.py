@@ -10,8 +10,9 @@ spread over its stacking weight (`agents.train._part_divisors`):
 - lexical part: a logistic regression over the TF-IDF rows of `agents.lexical` (the words each
   side used), which embeddings of whole chunks blur.
 A monotone calibration map fitted on cross-validated scores makes ``p_yes`` a probability. A
-head carries its own decision threshold and uncertain band. Few-shot heads have neither a chunk
-nor a lexical part.
+head carries its own decision threshold and uncertain band. A few-shot head has the same three
+parts, each a class-mean direction over its K yes and K no rows, except that its chunk part is
+the question's zero-shot direction (`agents.train.fit_few_shot`).
 
 Layout of a heads directory (no pickles: numpy arrays and JSON only)::
 

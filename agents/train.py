@@ -9,8 +9,9 @@ lexical part (`agents.lexical`, TF-IDF fitted on the split's text, written to
 DIR/lexicon.json), each its own balanced logistic regression; 5-fold out-of-fold scores fit
 the calibration map (isotonic with >= 100 positives, else a sigmoid) and pick the F1-optimal
 threshold; the final model is refitted on every row. ``--shots K`` keeps only K yes and K no
-rows per question (fixed seed): standardisation then uses every conversation of the split
-(unlabelled, so no label leaks) and the model is a shrunken prototype direction.
+rows per question (fixed seed): each part is then a class-mean direction, plus the question's
+zero-shot direction, with the split's unlabelled conversations setting the scales
+(`fit_few_shot`).
 
 Questions without positives in the split keep the zero-shot path; the manifest says so.
 """
@@ -22,6 +23,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ from agents.labelled import (
 from agents.lexical import LEXICON_VERSION, Lexicon
 from agents.metrics import best_f1_threshold, summarize
 from agents.pipeline import embed_conversations
+from agents.similarity import SimilarityScorer
 from models.embedder import load_embedder
 
 log = logging.getLogger(__name__)
@@ -219,35 +222,78 @@ def fit_head(
     )
 
 
+@dataclass(frozen=True)
+class FewShotPool:
+    """Unlabelled conversations of the split (the question's dataset): they set the
+    standardisation and each part's spread, so no label leaks into either."""
+
+    x: np.ndarray
+    lexical: sp.csr_matrix | None = None
+    chunk_vectors: Sequence[np.ndarray] | None = None
+
+
+def _class_mean_direction(rows: np.ndarray | sp.csr_matrix, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Unit direction between the class means and the intercept that puts their midpoint at 0:
+    a prototype classifier, the limit of a strongly regularised linear model."""
+    pos = np.asarray(rows[y].mean(0), np.float64).ravel()
+    neg = np.asarray(rows[~y].mean(0), np.float64).ravel()
+    w = pos - neg
+    w /= max(float(np.linalg.norm(w)), 1e-9)
+    return w, -float((pos + neg) @ w) / 2
+
+
 def fit_few_shot(
     x: np.ndarray,
     y: np.ndarray,
-    pool: np.ndarray,
+    pool: FewShotPool,
     *,
+    lexical: sp.csr_matrix | None = None,
+    chunk_vectors: Sequence[np.ndarray] | None = None,
+    prototype: np.ndarray | None = None,
     head_id: str,
     question_id: str,
     question_text: str,
     embedder_id: str,
     seed: int = SEED,
 ) -> Head:
-    """K yes + K no rows: direction = difference of class means in standardised space (a
-    prototype classifier, the limit of a strongly regularised linear model), sigmoid fitted on
-    leave-one-out scores. `pool` (unlabelled rows of the split) gives the standardisation."""
-    y = np.asarray(y, bool)
-    mean, scale = _standardizer(pool)
-    z = (x - mean) / scale
+    """K yes + K no rows. Up to three parts, each put on unit spread over the pool and added:
+    - conversation part: class-mean direction in standardised feature space;
+    - lexical part (with `lexical`): class-mean direction over the TF-IDF rows;
+    - chunk part (with `prototype`, the question's zero-shot direction from
+      `agents.similarity`): scored like a full head's chunk part, centred between the shots'
+      class means. The question's own text is evidence that ten rows cannot outvote.
+    Ten rows cannot weigh the parts, so they count equally. A sigmoid is fitted on
+    leave-one-out scores."""
+    from agents.heads import chunk_scores
 
-    def direction(zz: np.ndarray, yy: np.ndarray) -> tuple[np.ndarray, float]:
-        w = zz[yy].mean(0) - zz[~yy].mean(0)
-        w /= max(np.linalg.norm(w), 1e-9)
-        mid = (zz[yy].mean(0) + zz[~yy].mean(0)) / 2
-        return w, -float(mid @ w)
+    y = np.asarray(y, bool)
+    mean, scale = _standardizer(pool.x)
+    z = (x - mean) / scale
+    use_lex = lexical is not None and pool.lexical is not None
+    use_chunk = prototype is not None and chunk_vectors is not None and pool.chunk_vectors is not None
+    proto_rows = chunk_scores(chunk_vectors, prototype, 0.0) if use_chunk else np.zeros(len(y))
+
+    def fit(keep: np.ndarray) -> tuple[np.ndarray, float, np.ndarray | None, float, float]:
+        w, b = _class_mean_direction(z[keep], y[keep])
+        lw, lb = _class_mean_direction(lexical[keep], y[keep]) if use_lex else (None, 0.0)
+        s, yy = proto_rows[keep], y[keep]
+        return w, b, lw, lb, -float(s[yy].mean() + s[~yy].mean()) / 2
+
+    w, b, lw, lb, cb = fit(np.ones(len(y), bool))
+    spread = lambda s: max(float(np.std(s)), 1e-6)  # noqa: E731
+    conv_div = spread((pool.x - mean) / scale @ w)
+    lex_div = spread(pool.lexical @ lw) if use_lex else 1.0
+    chunk_div = spread(chunk_scores(pool.chunk_vectors, prototype, 0.0)) if use_chunk else 1.0
 
     loo = np.zeros(len(y))
     for i in range(len(y)):
         keep = np.arange(len(y)) != i
-        w, b = direction(z[keep], y[keep])
-        loo[i] = z[i] @ w + b
+        wi, bi, lwi, lbi, cbi = fit(keep)
+        loo[i] = (z[i] @ wi + bi) / conv_div
+        if use_lex:
+            loo[i] += (float((lexical[i] @ lwi)[0]) + lbi) / lex_div
+        if use_chunk:
+            loo[i] += (proto_rows[i] + cbi) / chunk_div
     cal = fit_calibration(loo, y, method="sigmoid")
     if cal.a <= 0:
         # Leave-one-out scores of a prototype classifier on ~10 rows are biased against the
@@ -258,9 +304,15 @@ def fit_few_shot(
     threshold = 0.5
     cv = summarize(y, p_loo, p_loo >= threshold)
     cv["folds"] = "leave-one-out"
-    w, b = direction(z, y)
     return _make_head(
-        "few-shot", head_id, question_id, question_text, embedder_id, mean, scale, w, b, cal, threshold, y, cv
+        "few-shot", head_id, question_id, question_text, embedder_id, mean, scale, w, b, cal, threshold, y, cv,
+        conv_div=conv_div,
+        chunk_coef=prototype if use_chunk else None,
+        chunk_intercept=cb,
+        chunk_div=chunk_div,
+        lex_coef=lw,
+        lex_intercept=lb,
+        lex_div=lex_div,
     )
 
 
@@ -297,18 +349,17 @@ def run(args: argparse.Namespace) -> int:
         embedder.flush()
     feats = FeatureExtractor(embedder)
     x_all = feats.transform(embedded)
-    lex_all = None
-    if not args.shots:
-        # Few-shot heads stay embedding-only: 2K rows cannot fit a vocabulary-sized model.
-        lexicon = Lexicon.fit(conversations)
-        out.mkdir(parents=True, exist_ok=True)
-        lexicon.save(out)
-        lex_all = lexicon.transform(conversations)
-    print(f"features {x_all.shape} + lexical {0 if lex_all is None else lex_all.shape[1]} terms "
+    lexicon = Lexicon.fit(conversations)
+    out.mkdir(parents=True, exist_ok=True)
+    lexicon.save(out)
+    lex_all = lexicon.transform(conversations)
+    print(f"features {x_all.shape} + lexical {lex_all.shape[1]} terms "
           f"in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
 
     entries: dict[str, dict[str, Any]] = {}
     heads: dict[str, str] = {}
+    zero_shot = SimilarityScorer(embedder)
+    by_id = {q.id: q for q in question_set(questions).questions}
     for q, idx, gold in iter_gold(questions, convs, answers):
         y = np.asarray(gold, bool)
         common = {"head_id": q.question_id, "question_id": q.question_id, "question_text": q.text}
@@ -325,16 +376,25 @@ def run(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         if args.shots:
             pick = sample_shots(y, args.shots, args.seed)
-            pool = x_all[[i for i, c in enumerate(convs) if c.dataset == q.dataset]]
+            shots = rows[pick]
+            in_pool = [i for i, c in enumerate(convs) if c.dataset == q.dataset]
             head = fit_few_shot(
-                x_all[rows[pick]], y[pick], pool, embedder_id=embedder.model_id, seed=args.seed, **common
+                x_all[shots],
+                y[pick],
+                FewShotPool(x_all[in_pool], lex_all[in_pool], [embedded[i].vectors for i in in_pool]),
+                lexical=lex_all[shots],
+                chunk_vectors=[embedded[i].vectors for i in shots],
+                prototype=zero_shot.prototype(by_id[q.question_id]).astype(np.float64),
+                embedder_id=embedder.model_id,
+                seed=args.seed,
+                **common,
             )
         else:
             head = fit_head(
                 x_all[rows],
                 y,
                 chunk_vectors=[embedded[i].vectors for i in rows],
-                lexical=lex_all[rows] if lex_all is not None else None,
+                lexical=lex_all[rows],
                 embedder_id=embedder.model_id,
                 seed=args.seed,
                 **common,
@@ -362,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
         entries,
         split=args.split,
         shots=args.shots,
-        lexicon=None if args.shots else LEXICON_VERSION,
+        lexicon=LEXICON_VERSION,
         seed=args.seed,
         conversations=len(convs),
         sources=[Path(p).name for p in args.conversations],

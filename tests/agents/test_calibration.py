@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
 from agents.heads import Head
 from agents.metrics import ece, roc_auc
-from agents.train import fit_calibration, fit_few_shot, fit_head
+from agents.train import FewShotPool, fit_calibration, fit_few_shot, fit_head
 
 
 def _data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -49,8 +50,49 @@ def test_sigmoid_calibration_for_few_positives() -> None:
 def test_few_shot_head_ranks_from_ten_examples() -> None:
     x, y = _data(4000, 2)
     pick = np.r_[np.flatnonzero(y)[:5], np.flatnonzero(~y)[:5]]
-    head = fit_few_shot(x[pick], y[pick], x, head_id="f", question_id="q", question_text="synthetic?",
-                        embedder_id="e")
+    head = fit_few_shot(x[pick], y[pick], FewShotPool(x), head_id="f", question_id="q",
+                        question_text="synthetic?", embedder_id="e")
     xt, yt = _data(2000, 4)
     assert head.kind == "few-shot" and head.rows == 10
     assert roc_auc(yt, head.p_yes(xt)) > 0.85
+
+
+def _chunks(y: np.ndarray, seed: int, signal: float) -> list[np.ndarray]:
+    """4 unit chunk vectors per conversation; a yes conversation has one chunk near axis 0."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for yes in y:
+        v = rng.normal(size=(4, 16))
+        if yes:
+            v[0, 0] += signal
+        out.append(v / np.linalg.norm(v, axis=1, keepdims=True))
+    return out
+
+
+def test_few_shot_head_adds_the_zero_shot_and_lexical_parts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Features without signal: the question's prototype (chunk part) and the words (lexical
+    part) carry it, and the saved head scores exactly like the fitted one."""
+    rng = np.random.default_rng(5)
+    n = 3000
+    y = rng.random(n) < 0.2
+    x = rng.normal(size=(n, 8))
+    dense = (rng.random((n, 50)) < 0.05).astype(np.float64)
+    dense[:, 7] = y & (rng.random(n) < 0.6)  # a word most yes rows use
+    words = sp.csr_matrix(dense)
+    chunks = _chunks(y, 6, signal=4.0)
+    axis = np.eye(16)[0]
+    pick = np.r_[np.flatnonzero(y)[:5], np.flatnonzero(~y)[:5]]
+    pool = FewShotPool(x, words, chunks)
+    common = {"head_id": "f", "question_id": "q", "question_text": "synthetic?", "embedder_id": "e"}
+    plain = fit_few_shot(x[pick], y[pick], FewShotPool(x), **common)
+    full = fit_few_shot(x[pick], y[pick], pool, lexical=words[pick], chunk_vectors=[chunks[i] for i in pick],
+                        prototype=axis, **common)
+    assert full.chunk_coef is not None and full.lex_coef is not None
+    assert roc_auc(y, plain.p_yes(x)) < 0.65
+    p = full.p_yes(x, chunks, words)
+    assert roc_auc(y, p) > 0.8
+    # without the prototype, the chunk part is not used
+    lex_only = fit_few_shot(x[pick], y[pick], pool, lexical=words[pick], **common)
+    assert lex_only.chunk_coef is None and roc_auc(y, lex_only.p_yes(x, chunks, words)) < roc_auc(y, p)
+    full.save(tmp_path)
+    np.testing.assert_allclose(Head.load(tmp_path / "f").p_yes(x, chunks, words), p, atol=1e-9)

@@ -7,9 +7,11 @@ import asyncio
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from agents.labelled import read_conversations, shared_data_dir, to_conversation
+from agents.heads import Head
+from agents.labelled import question_set, read_conversations, read_questions, shared_data_dir, to_conversation
 
 DATA = shared_data_dir()
 pytestmark = [
@@ -130,3 +132,28 @@ def test_service_wiring_answers_like_eval(trained: tuple[Path, Path]) -> None:
             assert a.p_yes == pytest.approx(e["p_yes"], abs=1e-3)
             n += 1
     assert not expected and n > 80
+
+
+def test_few_shot_heads_carry_the_question_and_the_words(tmp_path: Path) -> None:
+    """`--shots K`: few-shot heads with the lexical part and the question's zero-shot direction,
+    taken by flexor eval as the few-shot path."""
+    from agents import evaluate, train
+    from agents.similarity import SimilarityScorer
+    from models.embedder import load_embedder
+
+    heads, report = tmp_path / "heads", tmp_path / "report"
+    common = ["--questions", str(DATA / "questions.json"), "--answers", str(DATA / "answers.jsonl.gz"),
+              "--embedder", EMBEDDER]
+    assert train.main(["--conversations", *_files(), *common, "--split", "train", "--limit", "250", "--shots", "3",
+                       "--out", str(heads)]) == 0
+    manifest = json.loads((heads / "manifest.json").read_text())
+    assert manifest["shots"] == 3 and (heads / "lexicon.json").exists()
+    meta = json.loads((heads / "q00" / "head.json").read_text())
+    assert meta["kind"] == "few-shot" and meta["rows"] == 6 and meta["lexical_part"] and meta["chunk_part"]
+    q00 = next(q for q in question_set(read_questions(DATA / "questions.json")).questions if q.id == "q00")
+    proto = SimilarityScorer(load_embedder(EMBEDDER)).prototype(q00)
+    np.testing.assert_allclose(Head.load(heads / "q00").chunk_coef, proto, atol=1e-6)
+    assert evaluate.main(["--conversations", *_files(), *common, "--split", "eval", "--limit", "40",
+                          "--heads", str(heads), "--report", str(report), "--no-progress"]) == 0
+    questions = json.loads((report / "report.json").read_text())["questions"]
+    assert questions["q00"]["path"] == "few-shot"
