@@ -1,4 +1,4 @@
-"""Chunk a conversation into overlapping turn windows that keep turn ids and character offsets.
+"""Chunk a conversation into turn windows that keep turn ids and character offsets.
 
 Offsets refer to the conversation's transcript: every turn rendered as ``speaker: text`` and
 joined with newlines. A chunk's text is always ``transcript[char_start:char_end]``, so evidence
@@ -11,7 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 WINDOW_TURNS = 3
-STRIDE_TURNS = 2
+# Windows do not overlap: each turn is embedded once. Embedding is most of a conversation's
+# cost, and on the evaluation split stride 3 (vs 2) cut 29 % of the chunks for a macro-F1 of
+# 0.889 vs 0.891 with retrained heads.
+STRIDE_TURNS = 3
 # A turn longer than this is cut into pieces (at whitespace when possible) so that one huge
 # turn cannot push the rest of its window past the embedder's 256-token limit.
 MAX_CHUNK_CHARS = 1200

@@ -58,29 +58,35 @@ def test_two_turns_is_one_window() -> None:
     assert c.text == transcript(turns)
 
 
-def test_window_of_three_stride_two() -> None:
-    assert (WINDOW_TURNS, STRIDE_TURNS) == (3, 2)
-    turns = conv(7)
+def test_windows_of_three_do_not_overlap() -> None:
+    assert (WINDOW_TURNS, STRIDE_TURNS) == (3, 3)
+    turns = conv(9)
     chunks = chunk_turns(turns)
     check_invariants(turns, chunks)
     assert [c.turn_ids for c in chunks] == [
         ("t0", "t1", "t2"),
-        ("t2", "t3", "t4"),
-        ("t4", "t5", "t6"),
+        ("t3", "t4", "t5"),
+        ("t6", "t7", "t8"),
     ]
+    assert chunks[1].char_start > chunks[0].char_end  # each turn is embedded once
+
+
+def test_overlapping_windows_share_characters() -> None:
+    turns = conv(7)
+    chunks = chunk_turns(turns, window=3, stride=2)
+    check_invariants(turns, chunks)
     assert [c.first_turn for c in chunks] == [0, 2, 4]
-    # overlapping windows share the overlapping turn's characters
     assert chunks[1].char_start < chunks[0].char_end
 
 
 def test_tail_window_is_a_full_window() -> None:
-    turns = conv(6)  # starts 0, 2 then the tail 3 (not 4, which would leave a 2-turn window)
+    turns = conv(7)  # starts 0, 3 then the tail 4 (not 6, which would leave a 1-turn window)
     chunks = chunk_turns(turns)
     check_invariants(turns, chunks)
     assert [c.turn_ids for c in chunks] == [
         ("t0", "t1", "t2"),
-        ("t2", "t3", "t4"),
         ("t3", "t4", "t5"),
+        ("t4", "t5", "t6"),
     ]
     assert chunks[-1].char_end == len(transcript(turns))
 
