@@ -127,6 +127,10 @@ def uncertain_band(threshold: float) -> tuple[float, float]:
     return (round(threshold * (1.0 - BAND_FRACTION), 4), round(threshold + (1.0 - threshold) * BAND_FRACTION, 4))
 
 
+def _spread(scores: np.ndarray) -> float:
+    return max(float(np.std(scores)), 1e-6)
+
+
 def _part_divisors(parts: Sequence[np.ndarray], y: np.ndarray) -> list[float]:
     """One divisor per part's out-of-fold scores, so that the head's score is their weighted sum.
 
@@ -136,7 +140,7 @@ def _part_divisors(parts: Sequence[np.ndarray], y: np.ndarray) -> list[float]:
     weight of the useful ones. Divisor = spread / weight."""
     from sklearn.linear_model import LogisticRegression
 
-    spreads = [float(max(p.std(), 1e-6)) for p in parts]
+    spreads = [_spread(p) for p in parts]
     if len(parts) == 1:
         return spreads
     z = np.stack([p / s for p, s in zip(parts, spreads, strict=True)], axis=1)
@@ -262,7 +266,7 @@ def fit_few_shot(
     - lexical part (with `lexical`): class-mean direction over the TF-IDF rows;
     - chunk part (with `prototype`, the question's zero-shot direction from
       `agents.similarity`): scored like a full head's chunk part, centred between the shots'
-      class means. The question's own text is evidence that ten rows cannot outvote.
+      class means. It adds what the question says, which ten rows show only noisily.
     Ten rows cannot weigh the parts, so they count equally. A sigmoid is fitted on
     leave-one-out scores."""
     from agents.heads import chunk_scores
@@ -281,10 +285,9 @@ def fit_few_shot(
         return w, b, lw, lb, -float(s[yy].mean() + s[~yy].mean()) / 2
 
     w, b, lw, lb, cb = fit(np.ones(len(y), bool))
-    spread = lambda s: max(float(np.std(s)), 1e-6)  # noqa: E731
-    conv_div = spread((pool.x - mean) / scale @ w)
-    lex_div = spread(pool.lexical @ lw) if use_lex else 1.0
-    chunk_div = spread(chunk_scores(pool.chunk_vectors, prototype, 0.0)) if use_chunk else 1.0
+    conv_div = _spread((pool.x - mean) / scale @ w)
+    lex_div = _spread(pool.lexical @ lw) if use_lex else 1.0
+    chunk_div = _spread(chunk_scores(pool.chunk_vectors, prototype, 0.0)) if use_chunk else 1.0
 
     loo = np.zeros(len(y))
     for i in range(len(y)):
