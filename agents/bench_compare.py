@@ -46,6 +46,7 @@ from agents.labelled import (
     read_conversations,
     read_questions,
     shared_data_dir,
+    source_names,
     to_conversation,
 )
 from agents.llm_stage import LLMCascadeStage
@@ -401,7 +402,7 @@ def compare(
         "engine": engine_spec,
         "model_id": engine.model_id,
         "n": n,
-        "sources": [Path(p).name for p in conversations],
+        "sources": source_names(conversations),
         "per_source": dict(Counter(c.dataset for c in labelled)),
         "split": "eval",
         "answers_per_conversation": base["answers_per_conversation"],

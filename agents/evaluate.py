@@ -35,6 +35,7 @@ from agents.labelled import (
     read_answers,
     read_conversations,
     read_questions,
+    source_names,
     to_conversation,
 )
 from agents.metrics import pr_curve, reliability, summarize
@@ -287,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
             "heads_version": heads_version,
             "embedder": embedder.model_id,
             "embedding_cache": cache,
-            "sources": [Path(p).name for p in args.conversations],
+            "sources": source_names(args.conversations),
         },
     )
     report["plots"] = write_plots(arrays, out)

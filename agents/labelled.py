@@ -202,6 +202,11 @@ def iter_gold(
         yield q, idx, y
 
 
+def source_names(paths: Sequence[str | Path]) -> list[str]:
+    """Input files as results name them: file names only, so a result reads the same on any machine."""
+    return [Path(p).name for p in paths]
+
+
 def add_data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
     """The labelled-data arguments `flexor train` and `flexor eval` share."""
     from models.embedder import BACKENDS

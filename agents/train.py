@@ -40,6 +40,7 @@ from agents.labelled import (
     read_answers,
     read_conversations,
     read_questions,
+    source_names,
     to_conversation,
 )
 from agents.lexical import LEXICON_VERSION, Lexicon
@@ -364,6 +365,7 @@ def run(args: argparse.Namespace) -> int:
     heads: dict[str, str] = {}
     zero_shot = SimilarityScorer(embedder)
     by_id = {q.id: q for q in question_set(questions).questions}
+    pools: dict[str, FewShotPool] = {}  # per dataset: the unlabelled rows few-shot heads scale by
     for q, idx, gold in iter_gold(questions, convs, answers):
         y = np.asarray(gold, bool)
         common = {"head_id": q.question_id, "question_id": q.question_id, "question_text": q.text}
@@ -381,11 +383,13 @@ def run(args: argparse.Namespace) -> int:
         if args.shots:
             pick = sample_shots(y, args.shots, args.seed)
             shots = rows[pick]
-            in_pool = [i for i, c in enumerate(convs) if c.dataset == q.dataset]
+            if q.dataset not in pools:
+                in_pool = [i for i, c in enumerate(convs) if c.dataset == q.dataset]
+                pools[q.dataset] = FewShotPool(x_all[in_pool], lex_all[in_pool], [embedded[i].vectors for i in in_pool])
             head = fit_few_shot(
                 x_all[shots],
                 y[pick],
-                FewShotPool(x_all[in_pool], lex_all[in_pool], [embedded[i].vectors for i in in_pool]),
+                pools[q.dataset],
                 lexical=lex_all[shots],
                 chunk_vectors=[embedded[i].vectors for i in shots],
                 prototype=zero_shot.prototype(by_id[q.question_id]).astype(np.float64),
@@ -429,7 +433,7 @@ def run(args: argparse.Namespace) -> int:
         lexicon=LEXICON_VERSION,
         seed=args.seed,
         conversations=len(convs),
-        sources=[Path(p).name for p in args.conversations],
+        sources=source_names(args.conversations),
     )
     _write_questions_yaml(out / "questions.yaml", question_set(questions, heads))
     print(f"wrote {len(heads)} heads to {out} in {time.perf_counter() - t0:.0f}s", file=sys.stderr)

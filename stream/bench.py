@@ -26,6 +26,7 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer
 
+from agents.labelled import source_names
 from stream.config import Settings, load_settings
 from stream.kafka import connection_kwargs, ensure_topics, make_producer
 from stream.produce import load_conversations, produce_events
@@ -56,11 +57,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-
-
-def sources(paths: list[Path]) -> list[str]:
-    """Input files as results name them: file names only, so a result reads the same on any machine."""
-    return [Path(p).name for p in paths]
 
 
 def write_json(report: Path, data: dict[str, Any]) -> Path:
@@ -118,7 +114,7 @@ def run_e2e(args: argparse.Namespace) -> int:
         settings = embedded_settings(stack, "bench", args.questions)
         result = asyncio.run(_e2e(settings, events))
     result["machine"] = machine()
-    result["conversations"] = sources(args.conversations)
+    result["conversations"] = source_names(args.conversations)
     path = write_json(args.report, result)
     e, o = result["e2e"], result["embed_only"]
     print(

@@ -28,11 +28,13 @@ from typing import Any
 
 import numpy as np
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
-from stream.bench import _OutputWatcher, embedded_settings, machine, sources, write_json
+from agents.labelled import source_names
+from stream.bench import _OutputWatcher, embedded_settings, machine, write_json
 from stream.config import Settings, settings_env
 from stream.kafka import ensure_topics, make_producer
-from stream.produce import load_conversations
+from stream.produce import load_conversations, produce_events
 
 
 def run_load(args: argparse.Namespace) -> int:
@@ -44,12 +46,12 @@ def run_load(args: argparse.Namespace) -> int:
     convs = convs[: args.limit]
     with EmbeddedStack() as stack:
         settings = embedded_settings(
-            stack, "load", getattr(args, "questions", None),
+            stack, "load", args.questions,
             **{"kafka.session_timeout_ms": 6000, "kafka.heartbeat_interval_ms": 500, "metrics_port": free_port()},
         )
         result = asyncio.run(_load(settings, convs, args, stack.workdir / "serve.log"))
     result["machine"] = machine()
-    result["conversations"] = sources(args.conversations)
+    result["conversations"] = source_names(args.conversations)
     path = write_json(args.report, result)
     _chart(result, args.report / "load.png")
     s = result["summary"]
@@ -73,19 +75,21 @@ def _events(convs: list[dict[str, Any]], start: int, n: int) -> list[dict[str, A
     return out
 
 
+SAMPLED = ("flexor_consumer_lag", "flexor_in_flight_events", "flexor_partitions_paused")
+
+
 def _scrape(port: int) -> dict[str, float]:
-    """Sums of a few gauges from the service's /metrics (no client library needed)."""
+    """The SAMPLED gauges from the service's /metrics, summed over their labels."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
             text = r.read().decode()
     except OSError:
         return {}
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        for name in ("flexor_consumer_lag", "flexor_in_flight_events", "flexor_partitions_paused",
-                     "flexor_conversations_classified_total"):
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in SAMPLED:
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
     return out
 
 
@@ -118,8 +122,7 @@ async def _load(settings: Settings, convs: list[dict[str, Any]], args: argparse.
         # Warm the models and the group (one small batch), then measure capacity if needed.
         warm = _events(convs, next_i, 16)
         next_i += len(warm)
-        for ev in warm:
-            await producer.send(t.input, _encode(ev), key=ev["conversation_id"].encode())
+        await produce_events(producer, t.input, warm)
         await watcher.wait_for({(e["conversation_id"], e["revision"]) for e in warm}, 600)
         capacity = None
         rate = args.rate
@@ -127,8 +130,7 @@ async def _load(settings: Settings, convs: list[dict[str, Any]], args: argparse.
             burst = _events(convs, next_i, max(200, min(600, len(convs) * 2)))
             next_i += len(burst)
             t0 = time.monotonic()
-            for ev in burst:
-                await producer.send(t.input, _encode(ev), key=ev["conversation_id"].encode())
+            await produce_events(producer, t.input, burst)
             keys = {(e["conversation_id"], e["revision"]) for e in burst}
             await watcher.wait_for(keys, 1800)
             capacity = len(burst) / (max(watcher.arrived[k] for k in keys) - t0)
@@ -137,15 +139,21 @@ async def _load(settings: Settings, convs: list[dict[str, Any]], args: argparse.
                       load_factor=args.load_factor if args.rate is None else None)
 
         samples: list[dict[str, float]] = []
-        sent_at: dict[tuple[str, int], float] = {}
-        t_start = time.monotonic()
+        load = _events(convs, next_i, int(rate * args.duration))
+        load_keys = {(e["conversation_id"], e["revision"]) for e in load}
         produced = 0
+
+        def on_sent(n: int) -> None:
+            nonlocal produced
+            produced = n
+
+        t_start = time.monotonic()
 
         async def sampler() -> None:
             while True:
                 m = await asyncio.to_thread(_scrape, settings.metrics_port)
                 now = time.monotonic() - t_start
-                done = sum(1 for k in sent_at if k in watcher.arrived)
+                done = len(load_keys & watcher.arrived.keys())
                 samples.append({
                     "t": round(now, 2), "produced": produced, "classified": done, "lag": produced - done,
                     "service_lag": m.get("flexor_consumer_lag", float("nan")),
@@ -157,17 +165,9 @@ async def _load(settings: Settings, convs: list[dict[str, Any]], args: argparse.
 
         sampling = asyncio.create_task(sampler())
         try:
-            # Load phase: a fixed schedule; sends that fall behind catch up without bursting past it.
-            while (elapsed := time.monotonic() - t_start) < args.duration:
-                due = int(elapsed * rate) + 1
-                batch = _events(convs, next_i, max(0, due - produced))
-                for ev in batch:
-                    await producer.send(t.input, _encode(ev), key=ev["conversation_id"].encode())
-                    sent_at[(ev["conversation_id"], ev["revision"])] = time.monotonic()
-                next_i += len(batch)
-                produced += len(batch)
-                await asyncio.sleep(max(0.0, (produced / rate) - (time.monotonic() - t_start)))
-            await producer.flush()
+            # Load phase: a fixed schedule (sends that fall behind catch up without bursting past it).
+            times = await produce_events(producer, t.input, load, rate=rate, on_sent=on_sent)
+            sent_at = {(e["conversation_id"], e["revision"]): at for e, at in zip(load, times, strict=True)}
             load_end = time.monotonic()
             # Drain phase: nothing produced; everything sent must arrive.
             deadline = load_end + args.drain
@@ -219,12 +219,6 @@ async def _load(settings: Settings, convs: list[dict[str, Any]], args: argparse.
     }
     result["samples"] = samples
     return result
-
-
-def _encode(ev: dict[str, Any]) -> bytes:
-    import orjson
-
-    return orjson.dumps(ev)
 
 
 def _chart(result: dict[str, Any], path: Path) -> None:
