@@ -168,7 +168,7 @@ def kill9(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
     proc.wait(10)
 
 
-def _key(e: dict[str, Any]) -> tuple[str, str, int]:
+def revision_key(e: dict[str, Any]) -> tuple[str, str, int]:
     return (e["tenant_id"], e["conversation_id"], e["revision"])
 
 
@@ -195,22 +195,22 @@ async def check_delivery(
     ]
     ids: dict[tuple[str, str, int], set[str]] = defaultdict(set)
     for ev in outputs:
-        ids[_key(ev)].add(ev["event_id"])
-    expected = {_key(e) for e in inputs}
+        ids[revision_key(ev)].add(ev["event_id"])
+    expected = {revision_key(e) for e in inputs}
     missing, unexpected = expected - set(ids), set(ids) - expected
     assert not missing and not unexpected, f"{len(missing)} revisions missing, {len(unexpected)} unexpected"
     assert all(len(v) == 1 for v in ids.values()), "a revision has two different event_ids"
 
     rows = {r["event_id"]: r for r in await classification_rows(settings)}
     by_id = {ev["event_id"]: ev for ev in outputs}
-    earlier = {_key(e) for e in previous or []}
-    topic_rows = {i: r for i, r in rows.items() if i in by_id or _key(r["event"]) not in earlier}
+    earlier = {revision_key(e) for e in previous or []}
+    topic_rows = {i: r for i, r in rows.items() if i in by_id or revision_key(r["event"]) not in earlier}
     assert set(topic_rows) == set(by_id), "Postgres rows and topic events differ"
     for event_id, row in topic_rows.items():
         assert row["event"]["answers"] == by_id[event_id]["answers"]
     row_ids: dict[tuple[str, str, int], set[str]] = defaultdict(set)
     for i, r in rows.items():
-        row_ids[_key(r["event"])].add(i)
+        row_ids[revision_key(r["event"])].add(i)
     assert all(len(row_ids[k]) == 1 for k in earlier), "an earlier revision lacks its row or has two"
 
     # Every input below a committed position is finished: DLQ'd, or classified at this revision or
@@ -221,7 +221,7 @@ async def check_delivery(
     }
     newest: dict[tuple[str, str], int] = {}
     for row in rows.values():
-        k = _key(row["event"])
+        k = revision_key(row["event"])
         newest[k[:2]] = max(newest.get(k[:2], -1), k[2])
     records = {(r.partition, r.offset): r for r in await read_topic(settings, settings.topics.input)}
     ends: dict[int, int] = defaultdict(int)
@@ -232,7 +232,7 @@ async def check_delivery(
         for offset in range(position):
             if (partition, offset) in dlq:
                 continue
-            k = _key(orjson.loads(records[(partition, offset)].value))
+            k = revision_key(orjson.loads(records[(partition, offset)].value))
             assert newest.get(k[:2], -1) >= k[2], f"committed past unfinished {partition}@{offset}"
     if all_committed:
         assert positions == {p: ends[p] for p in positions}, f"left in flight: committed {positions}, ends {ends}"

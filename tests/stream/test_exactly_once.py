@@ -30,13 +30,13 @@ from stream.produce import load_conversations
 from tests.conftest import EXAMPLES
 from tests.harness import (
     REPO,
-    _key,
     classification_rows,
     count_rows,
     metric,
     produce,
     read_topic,
     record_outcome,
+    revision_key,
     running_service,
     service_env,
     wait_until,
@@ -97,7 +97,7 @@ async def _create_topics(settings: Settings) -> None:
 
 
 def _outputs(records: list[Any]) -> Counter[tuple[str, str, int]]:
-    return Counter(_key(orjson.loads(r.value)) for r in records)
+    return Counter(revision_key(orjson.loads(r.value)) for r in records)
 
 
 async def test_exactly_once_batches_commit_in_transactions(eos_settings: Settings) -> None:
@@ -117,7 +117,7 @@ async def test_exactly_once_batches_commit_in_transactions(eos_settings: Setting
         assert committed_txns >= 2 and metric(reg, "flexor_transactions_total", {"result": "aborted"}) == 0
         assert metric(reg, "flexor_commits_total", {"result": "ok"}) >= 1  # offsets went with the transactions
     outputs = _outputs(await read_topic(settings, settings.topics.output, isolation_level="read_committed"))
-    assert set(outputs) == {_key(e) for e in good} and max(outputs.values()) == 1
+    assert set(outputs) == {revision_key(e) for e in good} and max(outputs.values()) == 1
     rows = {r["event_id"] for r in await classification_rows(settings)}
     assert len(rows) == len(good)
     assert len(await read_topic(settings, settings.topics.dlq, isolation_level="read_committed")) == 2
@@ -145,16 +145,16 @@ async def test_crash_between_produce_and_commit(eos_settings: Settings, tmp_path
 
         async def replayed() -> bool:
             out = _outputs(await read_topic(settings, settings.topics.output))
-            return set(out) == {_key(e) for e in inputs}
+            return set(out) == {revision_key(e) for e in inputs}
 
         await wait_until(replayed, 60, "every revision produced")
         assert metric(reg, "flexor_events_skipped_total", {"reason": "duplicate"}) == 0
         assert metric(reg, "flexor_transactions_total", {"result": "committed"}) >= 1
     visible = _outputs(await read_topic(settings, settings.topics.output, isolation_level="read_committed"))
     raw = _outputs(await read_topic(settings, settings.topics.output))
-    assert set(visible) == {_key(e) for e in inputs}
+    assert set(visible) == {revision_key(e) for e in inputs}
     rows = await classification_rows(settings)
-    assert len({_key(r["event"]) for r in rows}) == len(rows) == len(inputs), "one row per revision"
+    assert len({revision_key(r["event"]) for r in rows}) == len(rows) == len(inputs), "one row per revision"
     by_id = {orjson.loads(r.value)["event_id"] for r in await read_topic(settings, settings.topics.output)}
     assert {r["event_id"] for r in rows} == by_id, "Postgres agrees with the topic"
     if REAL_KAFKA:  # the mock does not filter aborted records (see the module docstring)

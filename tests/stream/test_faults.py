@@ -32,7 +32,6 @@ from stream.infra import EmbeddedBroker, EmbeddedPostgres
 from stream.produce import load_conversations
 from tests.conftest import EXAMPLES
 from tests.harness import (
-    _key,
     check_delivery,
     classification_rows,
     committed,
@@ -43,6 +42,7 @@ from tests.harness import (
     produce,
     read_topic,
     record_outcome,
+    revision_key,
     running_service,
     start_serve,
     wait_until,
@@ -67,7 +67,7 @@ async def _output_stats(settings: Settings) -> dict[str, int]:
     outputs = await read_topic(settings, settings.topics.output)
     import orjson
 
-    keys = [_key(orjson.loads(r.value)) for r in outputs]
+    keys = [revision_key(orjson.loads(r.value)) for r in outputs]
     return {"output_records": len(keys), "distinct_revisions": len(set(keys)),
             "duplicate_records": len(keys) - len(set(keys))}
 

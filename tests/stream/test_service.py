@@ -16,7 +16,6 @@ from stream.config import Settings
 from stream.produce import load_conversations
 from tests.conftest import EXAMPLES, shared_file
 from tests.harness import (
-    _key,
     check_delivery,
     classification_rows,
     committed,
@@ -25,6 +24,7 @@ from tests.harness import (
     kill9,
     produce,
     read_topic,
+    revision_key,
     running_service,
     start_serve,
     wait_until,
@@ -55,7 +55,7 @@ async def test_star_conversations_four_partitions(settings: Settings, tmp_path: 
     except pytest.skip.Exception:
         path, limit = EXAMPLES / "conversations.jsonl", None
     inputs = load_conversations(path, limit)
-    by_key = {_key(e): e for e in inputs}
+    by_key = {revision_key(e): e for e in inputs}
     await create_topics(settings)
     async with running_service(settings) as running:
         await produce(settings, inputs)
@@ -74,7 +74,7 @@ async def test_star_conversations_four_partitions(settings: Settings, tmp_path: 
         await conn.close()
     n_evidence = 0
     for ev in events:
-        src = by_key[_key(ev)]
+        src = by_key[revision_key(ev)]
         full = transcript([Turn(t["turn_id"], t["speaker"], t["text"]) for t in src["turns"]])
         assert ev["answers"], "every conversation answers at least one question"
         for a in ev["answers"]:
@@ -210,9 +210,9 @@ async def test_cancel_mid_stream_then_restart(settings: Settings) -> None:
     done = {(r["partition"], r["offset"]) for r in rows}
     for p, pos in (await committed(settings)).items():
         assert all((p, o) in done for o in range(pos))
-    assert len(rows) < len({_key(e) for e in inputs}), "stopped before the end"
+    assert len(rows) < len({revision_key(e) for e in inputs}), "stopped before the end"
     async with running_service(settings):
-        await wait_until(lambda: _rows_at_least(settings, len({_key(e) for e in inputs})), 300, "the rest")
+        await wait_until(lambda: _rows_at_least(settings, len({revision_key(e) for e in inputs})), 300, "the rest")
     await check_delivery(settings, inputs)
 
 
@@ -228,14 +228,14 @@ async def test_kill9_subprocess_then_restart(settings: Settings, tmp_path: Path)
     finally:
         kill9(proc)
     before = await count_rows(settings)
-    assert before < len({_key(e) for e in inputs})
+    assert before < len({revision_key(e) for e in inputs})
     rows = await classification_rows(settings)
     done = {(r["partition"], r["offset"]) for r in rows}
     for p, pos in (await committed(settings)).items():
         assert all((p, o) in done for o in range(pos)), "committed past unfinished work"
     proc = start_serve(settings, tmp_path / "serve2.log")
     try:
-        await wait_until(lambda: _rows_at_least(settings, len({_key(e) for e in inputs})), 300, "recovery")
+        await wait_until(lambda: _rows_at_least(settings, len({revision_key(e) for e in inputs})), 300, "recovery")
     finally:
         proc.terminate()
         await asyncio.to_thread(proc.wait, 60)
