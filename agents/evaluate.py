@@ -189,14 +189,20 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"({report['seconds']} s in the pipeline; embedding cache: {report.get('embedding_cache')})",
         f"- decided by: {', '.join(f'{k} {v:.1%}' for k, v in report['stage_share'].items())}",
         "",
-        "| question | path | n | n_yes | n_pred_yes | precision | recall | F1 | ROC-AUC | PR-AUC | ECE |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| question | path | n | n_yes | n_pred_yes | precision | recall | F1 | ROC-AUC | PR-AUC | ECE | ECE floor |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for qid, e in report["questions"].items():
         lines.append(
             f"| {qid} | {e['path']} | {e['n']} | {e['n_yes']} | {e['n_pred_yes']} | {fmt(e['precision'])} | "
-            f"{fmt(e['recall'])} | {fmt(e['f1'])} | {fmt(e['roc_auc'])} | {fmt(e['pr_auc'])} | {fmt(e['ece'])} |"
+            f"{fmt(e['recall'])} | {fmt(e['f1'])} | {fmt(e['roc_auc'])} | {fmt(e['pr_auc'])} | {fmt(e['ece'])} | "
+            f"{fmt(e['ece_floor'])} |"
         )
+    lines += [
+        "",
+        "ECE floor: the median ECE that a perfectly calibrated model with the same p_yes would show on",
+        "these rows (sampling noise alone); an ECE close to it is not evidence of miscalibration.",
+    ]
     lines += ["", "Questions:", ""]
     lines += [f"- {qid}: {e['question']}" for qid, e in report["questions"].items()]
     path.write_text("\n".join(lines) + "\n")

@@ -6,9 +6,9 @@
 Per question: rows = conversations of the split with a gold answer; features from
 `agents.features` (standardise -> balanced logistic regression), plus a chunk part and a
 lexical part (`agents.lexical`, TF-IDF fitted on the split's text, written to
-DIR/lexicon.json), each its own balanced logistic regression; 5-fold out-of-fold scores fit
-the calibration map (isotonic with >= 100 positives, else a sigmoid) and pick the F1-optimal
-threshold; the final model is refitted on every row. ``--shots K`` keeps only K yes and K no
+DIR/lexicon.json), each its own balanced logistic regression; out-of-fold scores (5 folds,
+3 fold assignments) fit the calibration map (isotonic with >= 100 positives, else a sigmoid)
+and pick the F1-optimal threshold; the final model is refitted on every row. ``--shots K`` keeps only K yes and K no
 rows per question (fixed seed): each part is then a class-mean direction, plus the question's
 zero-shot direction, with the split's unlabelled conversations setting the scales
 (`fit_few_shot`).
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 SEED = 13
 FOLDS = 5
+REPEATS = 3  # repeated cross-validation: see fit_head
 ISOTONIC_MIN_POSITIVES = 100
 C_HEAD = 0.05
 C_CHUNK = 1.0
@@ -118,8 +119,8 @@ def fit_calibration(s: np.ndarray, y: np.ndarray, method: str | None = None) -> 
 # Share of the room on each side of the threshold that counts as uncertain. Calibrated heads
 # are right most of the time even near the threshold, so a wide band spends LLM calls where
 # they rarely change the answer: on the evaluation split 0.35 routes 5.2% of answers with
-# embedding-only heads (0.5 routed 7.4%) and 3.5% with the three-part heads, which keeps the
-# cascade >= 30x cheaper in prompt tokens than the seed.
+# embedding-only heads (0.5 routed 7.4%) and 2.0% with the three-part heads of session 4 (all
+# 22,126 answers of `flexor eval`), which keeps the cascade >= 30x cheaper in prompt tokens.
 BAND_FRACTION = 0.35
 
 
@@ -175,8 +176,9 @@ def fit_head(
     embedder_id: str,
     c: float = C_HEAD,
     seed: int = SEED,
+    repeats: int = REPEATS,
 ) -> Head:
-    """Full-data head: CV scores -> calibration + threshold; final fit on every row.
+    """Full-data head: repeated CV scores -> calibration + threshold; final fit on every row.
 
     With `chunk_vectors` (one array per row) the head gets the chunk part, with `lexical` (one
     TF-IDF row per row) the lexical part; the parts' scores are added with the divisors of
@@ -189,30 +191,37 @@ def fit_head(
     mean, scale = _standardizer(x)
     z = (x - mean) / scale
     folds = min(FOLDS, int(y.sum()), int((~y).sum()))
-    oof = np.zeros(len(y))
-    oof_chunk = np.zeros(len(y))
-    oof_lex = np.zeros(len(y))
-    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(z, y):
-        # Each fold standardises with the full-data statistics: labels play no part in them.
-        coef, b = _logreg(z[tr], y[tr], c)
-        oof[te] = z[te] @ coef + b
-        if chunk_vectors is not None:
-            cw, cb = _chunk_logreg([chunk_vectors[i] for i in tr], y[tr], C_CHUNK)
-            oof_chunk[te] = chunk_scores([chunk_vectors[i] for i in te], cw, cb)
-        if lexical is not None:
-            lw, lb = _logreg(lexical[tr], y[tr], C_LEX)
-            oof_lex[te] = lexical[te] @ lw + lb
+    # Every row gets one out-of-fold score per repeat; the calibration, the threshold and the
+    # stacking weights are fitted on all of them. One fold assignment alone moved the evaluation
+    # ECE of a question by up to 0.008; pooling several averages that luck out.
+    oof = np.zeros((repeats, len(y)))
+    oof_chunk = np.zeros((repeats, len(y)))
+    oof_lex = np.zeros((repeats, len(y)))
+    for r in range(repeats):
+        for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed + r).split(z, y):
+            # Each fold standardises with the full-data statistics: labels play no part in them.
+            coef, b = _logreg(z[tr], y[tr], c)
+            oof[r, te] = z[te] @ coef + b
+            if chunk_vectors is not None:
+                cw, cb = _chunk_logreg([chunk_vectors[i] for i in tr], y[tr], C_CHUNK)
+                oof_chunk[r, te] = chunk_scores([chunk_vectors[i] for i in te], cw, cb)
+            if lexical is not None:
+                lw, lb = _logreg(lexical[tr], y[tr], C_LEX)
+                oof_lex[r, te] = lexical[te] @ lw + lb
+    y_all = np.tile(y, repeats)
     used = [True, chunk_vectors is not None, lexical is not None]
-    parts = [p for p, u in zip((oof, oof_chunk, oof_lex), used, strict=True) if u]
-    divs = iter(_part_divisors(parts, y))
+    parts = [p.ravel() for p, u in zip((oof, oof_chunk, oof_lex), used, strict=True) if u]
+    divs = iter(_part_divisors(parts, y_all))
     conv_div, chunk_div, lex_div = (next(divs) if u else 1.0 for u in used)
-    oof = oof / conv_div + oof_chunk / chunk_div * used[1] + oof_lex / lex_div * used[2]
-    cal = fit_calibration(oof, y)
+    oof = (oof / conv_div + oof_chunk / chunk_div * used[1] + oof_lex / lex_div * used[2]).ravel()
+    cal = fit_calibration(oof, y_all)
     p_oof = cal(oof)
-    threshold = best_f1_threshold(y, p_oof)
-    cv = summarize(y, p_oof, p_oof >= threshold)
+    threshold = best_f1_threshold(y_all, p_oof)
+    first = p_oof[: len(y)]
+    cv = summarize(y, first, first >= threshold)
     cv["folds"] = folds
-    cv["note"] = "out-of-fold; calibration and threshold were fitted on these same scores"
+    cv["repeats"] = repeats
+    cv["note"] = "out-of-fold (first repeat); calibration and threshold were fitted on every repeat's scores"
     coef, b = _logreg(z, y, c)
     chunk_coef, chunk_b = _chunk_logreg(chunk_vectors, y, C_CHUNK) if chunk_vectors is not None else (None, 0.0)
     lex_coef, lex_b = _logreg(lexical, y, C_LEX) if lexical is not None else (None, 0.0)

@@ -38,6 +38,20 @@ def test_head_is_calibrated_on_held_out_data(tmp_path) -> None:  # type: ignore[
     assert again.threshold == head.threshold and again.kind == "head"
 
 
+def test_repeated_cross_validation_steadies_the_calibration() -> None:
+    """The fold assignment is luck; pooling several assignments' scores averages it out."""
+    x, y = _data(800, 5)
+    xt, _ = _data(2000, 6)
+
+    def spread(repeats: int) -> float:
+        heads = [fit_head(x, y, head_id="h", question_id="q", question_text="synthetic?", embedder_id="e",
+                          seed=seed, repeats=repeats) for seed in (0, 10, 20, 30)]
+        assert all(h.cv_metrics["n"] == len(y) and h.cv_metrics["repeats"] == repeats for h in heads)
+        return float(np.std([h.p_yes(xt) for h in heads], axis=0).mean())
+
+    assert spread(4) < 0.8 * spread(1)
+
+
 def test_sigmoid_calibration_for_few_positives() -> None:
     rng = np.random.default_rng(3)
     s = rng.normal(size=2000)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agents.metrics import best_f1_threshold, ece, pr_auc, precision_recall_f1, reliability, roc_auc, summarize
+from agents.metrics import (
+    best_f1_threshold,
+    ece,
+    ece_floor,
+    pr_auc,
+    precision_recall_f1,
+    reliability,
+    roc_auc,
+    summarize,
+)
 
 Y = np.array([1, 1, 0, 1, 0, 0], bool)
 P = np.array([0.9, 0.8, 0.7, 0.4, 0.2, 0.1])
@@ -45,7 +54,21 @@ def test_ece_by_hand() -> None:
 def test_summarize_fields() -> None:
     s = summarize(Y, P, P >= 0.5)
     assert s["n"] == 6 and s["n_yes"] == 3 and s["n_pred_yes"] == 3
-    assert set(s) == {"n", "n_yes", "n_pred_yes", "precision", "recall", "f1", "roc_auc", "pr_auc", "ece"}
+    assert set(s) == {"n", "n_yes", "n_pred_yes", "precision", "recall", "f1", "roc_auc", "pr_auc", "ece", "ece_floor"}
+
+
+def test_ece_floor_is_the_noise_of_a_calibrated_model() -> None:
+    # certain answers leave no room for noise; in one bin of n rows at p the median |rate - p| is
+    # about 0.674 standard deviations of the rate (half-normal median)
+    assert ece_floor(np.array([0.0, 1.0, 1.0])) == 0.0
+    for n in (100, 400):
+        assert ece_floor(np.full(n, 0.55)) == pytest.approx(0.674 * np.sqrt(0.55 * 0.45 / n), rel=0.2)
+    rng = np.random.default_rng(0)
+    p = rng.random(3000)
+    y = rng.random(3000) < p  # calibrated by construction
+    floor = ece_floor(p)
+    assert 0.005 < floor < 0.03 and ece(y, p) < 3 * floor
+    assert ece(y, np.clip(p + 0.1, 0, 1)) > 3 * floor  # a real offset stands out
 
 
 def test_best_f1_threshold() -> None:
