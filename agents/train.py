@@ -8,10 +8,10 @@ Per question: rows = conversations of the split with a gold answer; features fro
 lexical part (`agents.lexical`, TF-IDF fitted on the split's text, written to
 DIR/lexicon.json), each its own balanced logistic regression; out-of-fold scores (5 folds,
 3 fold assignments) fit the calibration map (isotonic with >= 100 positives, else a sigmoid)
-and pick the F1-optimal threshold; the final model is refitted on every row. ``--shots K`` keeps only K yes and K no
-rows per question (fixed seed): each part is then a class-mean direction, plus the question's
-zero-shot direction, with the split's unlabelled conversations setting the scales
-(`fit_few_shot`).
+and pick the F1-optimal threshold; the final model is refitted on every row. ``--shots K``
+keeps only K yes and K no rows per question (fixed seed): each part is then a class-mean
+direction, plus the question's zero-shot direction, with the split's unlabelled conversations
+setting the scales (`fit_few_shot`).
 
 Questions without positives in the split keep the zero-shot path; the manifest says so.
 """

@@ -144,7 +144,6 @@ class OnnxEmbedder:
 
         path = _export_onnx(cache_dir() / "onnx" / MODEL_NAME, quantize)
         workers = threads or min(4, os.cpu_count() or 1)
-        self._per_text = quantize
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1 if quantize else workers
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
