@@ -22,7 +22,9 @@ pytestmark = [
     ),
 ]
 EMBEDDER = "onnx-int8"  # the default: its vectors do not depend on batch-mates
-QUESTION_FIELDS = {"path", "n", "n_yes", "n_pred_yes", "precision", "recall", "f1", "roc_auc", "pr_auc", "ece"}
+QUESTION_FIELDS = {
+    "path", "n", "n_yes", "n_pred_yes", "precision", "recall", "f1", "roc_auc", "pr_auc", "ece", "ece_floor"
+}
 
 
 def _files() -> list[str]:
