@@ -73,10 +73,15 @@ def pr_auc(y: np.ndarray, score: np.ndarray) -> float | None:
     return float((steps * precision).sum())
 
 
+def _bin_index(p: np.ndarray, bins: int) -> np.ndarray:
+    """Equal-width bins over [0, 1]; the last bin includes 1.0. `p` is already clipped."""
+    return np.minimum((p * bins).astype(int), bins - 1)
+
+
 def reliability(y: np.ndarray, p: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
     """Equal-width bins over [0, 1] (the last bin includes 1.0): count, mean p, observed yes rate."""
     y, p = np.asarray(y, np.float64), np.clip(np.asarray(p, np.float64), 0.0, 1.0)
-    idx = np.minimum((p * bins).astype(int), bins - 1)
+    idx = _bin_index(p, bins)
     out = []
     for b in range(bins):
         m = idx == b
@@ -112,8 +117,7 @@ def ece_floor(p: np.ndarray, bins: int = 10, draws: int = 400, seed: int = 0) ->
     p = np.clip(np.asarray(p, np.float64), 0.0, 1.0)
     if len(p) == 0:
         return 0.0
-    idx = np.minimum((p * bins).astype(int), bins - 1)
-    onehot = np.eye(bins)[idx]  # (n, bins)
+    onehot = np.eye(bins)[_bin_index(p, bins)]  # (n, bins): the same bins as `ece`
     counts = onehot.sum(0)
     used = counts > 0
     p_mean = (p @ onehot)[used] / counts[used]

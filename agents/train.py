@@ -373,7 +373,7 @@ def run(args: argparse.Namespace) -> int:
     entries: dict[str, dict[str, Any]] = {}
     heads: dict[str, str] = {}
     zero_shot = SimilarityScorer(embedder)
-    by_id = {q.id: q for q in question_set(questions).questions}
+    by_id = question_set(questions).by_id()
     pools: dict[str, FewShotPool] = {}  # per dataset: the unlabelled rows few-shot heads scale by
     for q, idx, gold in iter_gold(questions, convs, answers):
         y = np.asarray(gold, bool)

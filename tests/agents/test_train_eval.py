@@ -150,7 +150,7 @@ def test_few_shot_heads_carry_the_question_and_the_words(tmp_path: Path) -> None
     assert manifest["shots"] == 3 and (heads / "lexicon.json").exists()
     meta = json.loads((heads / "q00" / "head.json").read_text())
     assert meta["kind"] == "few-shot" and meta["rows"] == 6 and meta["lexical_part"] and meta["chunk_part"]
-    q00 = next(q for q in question_set(read_questions(DATA / "questions.json")).questions if q.id == "q00")
+    q00 = question_set(read_questions(DATA / "questions.json")).by_id()["q00"]
     proto = SimilarityScorer(load_embedder(EMBEDDER)).prototype(q00)
     np.testing.assert_allclose(Head.load(heads / "q00").chunk_coef, proto, atol=1e-6)
     assert evaluate.main(["--conversations", *_files(), *common, "--split", "eval", "--limit", "40",
