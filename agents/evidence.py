@@ -1,7 +1,8 @@
-"""Evidence store: chunks with embeddings, and exact top-k retrieval within one conversation.
+"""Evidence: the store contract (chunks with embeddings, exact top-k within one conversation).
 
-`PgEvidenceStore` is the service's store (Postgres + pgvector). `MemoryEvidenceStore` gives the
-same ranking (cosine distance, then chunk order) without a database, for `flexor eval`.
+The service's store is `agents.store.chunks.PgEvidenceStore` (Postgres + pgvector).
+`MemoryEvidenceStore` gives the same ranking (cosine distance, then chunk order) without a
+database, for `flexor eval`.
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import asyncpg
 import numpy as np
-from pgvector.asyncpg import register_vector
 
 from agents.chunking import Chunk
 from agents.types import EmbeddedConversation, Evidence
@@ -41,7 +40,7 @@ class EvidenceStore(Protocol):
     ) -> list[list[Evidence]]: ...
 
 
-def _evidence(conv: EmbeddedConversation, chunk: Chunk, score: float) -> Evidence:
+def to_evidence(conv: EmbeddedConversation, chunk: Chunk, score: float) -> Evidence:
     c = conv.conversation
     return Evidence(
         chunk_id=chunk_id(c.conversation_id, c.revision, chunk.seq),
@@ -74,109 +73,5 @@ class MemoryEvidenceStore:
             ]
             # pgvector orders by cosine distance; ties fall back to chunk order as in SQL below.
             allowed.sort(key=lambda i: (1.0 - float(sims[i]), i))
-            out.append([_evidence(conv, conv.chunks[i], float(sims[i])) for i in allowed[: r.k]])
+            out.append([to_evidence(conv, conv.chunks[i], float(sims[i])) for i in allowed[: r.k]])
         return out
-
-
-_TOP_K_SQL = """
-WITH q AS (
-    SELECT i, v::vector AS v FROM unnest($1::int[], $2::text[]) AS q(i, v)
-), r AS (
-    SELECT * FROM unnest($3::int[], $4::text[], $5::text[], $6::int[], $7::int[], $8::int[], $9::text[])
-        AS r(req, tenant_id, conversation_id, revision, qi, k, speakers)
-)
-SELECT r.req, c.seq, 1 - (c.embedding <=> q.v) AS score
-FROM r
-JOIN q ON q.i = r.qi
-CROSS JOIN LATERAL (
-    SELECT c.seq, c.embedding FROM chunks c
-    WHERE c.tenant_id = r.tenant_id AND c.conversation_id = r.conversation_id AND c.revision = r.revision
-      AND (r.speakers = '' OR c.speakers && string_to_array(r.speakers, chr(31)))
-    ORDER BY c.embedding <=> q.v, c.seq
-    LIMIT r.k
-) c
-ORDER BY r.req, score DESC, c.seq
-"""
-
-_DELETE_OLD_SQL = """
-DELETE FROM chunks c USING unnest($1::text[], $2::text[], $3::int[]) AS n(tenant_id, conversation_id, revision)
-WHERE c.tenant_id = n.tenant_id AND c.conversation_id = n.conversation_id AND c.revision < n.revision
-"""
-
-_INSERT_SQL = """
-INSERT INTO chunks (tenant_id, conversation_id, revision, seq, chunk_id, turn_ids, speakers,
-                    char_start, char_end, text, embedder, embedding)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-ON CONFLICT (tenant_id, conversation_id, revision, seq) DO UPDATE
-SET chunk_id = EXCLUDED.chunk_id, turn_ids = EXCLUDED.turn_ids, speakers = EXCLUDED.speakers,
-    char_start = EXCLUDED.char_start, char_end = EXCLUDED.char_end, text = EXCLUDED.text,
-    embedder = EXCLUDED.embedder, embedding = EXCLUDED.embedding
-"""
-
-
-def _vector_text(v: np.ndarray) -> str:
-    return "[" + ",".join(f"{x:.7g}" for x in v.tolist()) + "]"
-
-
-class PgEvidenceStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
-
-    async def upsert(self, convs: Sequence[EmbeddedConversation], embedder_id: str) -> None:
-        rows = []
-        for ec in convs:
-            c = ec.conversation
-            for ch, vec in zip(ec.chunks, ec.vectors, strict=True):
-                rows.append(
-                    (
-                        c.tenant_id, c.conversation_id, c.revision, ch.seq,
-                        chunk_id(c.conversation_id, c.revision, ch.seq),
-                        list(ch.turn_ids), list(ch.speakers), ch.char_start, ch.char_end, ch.text,
-                        embedder_id, vec,
-                    )
-                )
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                _DELETE_OLD_SQL,
-                [ec.conversation.tenant_id for ec in convs],
-                [ec.conversation.conversation_id for ec in convs],
-                [ec.conversation.revision for ec in convs],
-            )
-            if rows:
-                await conn.executemany(_INSERT_SQL, rows)
-
-    async def top_k(
-        self,
-        convs: Sequence[EmbeddedConversation],
-        queries: np.ndarray,
-        requests: Sequence[EvidenceRequest],
-    ) -> list[list[Evidence]]:
-        if not requests:
-            return []
-        used = sorted({r.query for r in requests})
-        conv = [convs[r.conv].conversation for r in requests]
-        async with self._pool.acquire() as db:
-            rows = await db.fetch(
-                _TOP_K_SQL,
-                used,
-                [_vector_text(queries[i]) for i in used],
-                list(range(len(requests))),
-                [c.tenant_id for c in conv],
-                [c.conversation_id for c in conv],
-                [c.revision for c in conv],
-                [r.query for r in requests],
-                [r.k for r in requests],
-                ["\x1f".join(r.speakers) for r in requests],
-            )
-        out: list[list[Evidence]] = [[] for _ in requests]
-        for row in rows:
-            r = requests[row["req"]]
-            ec = convs[r.conv]
-            # The rows are this batch's own chunks (just upserted), so the text and offsets come
-            # from memory; the database decides only which chunks and their scores.
-            out[row["req"]].append(_evidence(ec, ec.chunks[row["seq"]], float(row["score"])))
-        return out
-
-
-async def init_connection(conn: asyncpg.Connection) -> None:
-    await register_vector(conn)

@@ -1,7 +1,7 @@
 """Trained question heads: artifacts on disk, and the stage-1 `HeadScorer` the cascade uses.
 
 A head has up to three linear parts whose scores are added, each divided by its cross-validated
-spread over its stacking weight (`agents.train._part_divisors`):
+spread over its stacking weight (`agents.learn.train._part_divisors`):
 - conversation part: standardise -> logistic regression over `agents.features` rows;
 - chunk part (multiple-instance): a logistic regression over single chunk embeddings, trained
   with every chunk carrying its conversation's label, scored as the mean of the conversation's
@@ -12,7 +12,7 @@ spread over its stacking weight (`agents.train._part_divisors`):
 A monotone calibration map fitted on cross-validated scores makes ``p_yes`` a probability. A
 head carries its own decision threshold and uncertain band. A few-shot head has the same three
 parts, each a class-mean direction over its K yes and K no rows, except that its chunk part is
-the question's zero-shot direction (`agents.train.fit_few_shot`).
+the question's zero-shot direction (`agents.learn.train.fit_few_shot`).
 
 Layout of a heads directory (no pickles: numpy arrays and JSON only)::
 

@@ -21,17 +21,11 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from agents.store.llm_results import LLMResultsTable
+
 log = logging.getLogger(__name__)
 
 KEY_VERSION = "2"  # bump when the key's recipe changes
-
-_GET_SQL = "SELECT key, p_yes FROM llm_results WHERE key = ANY($1::text[])"
-_PUT_SQL = """
-INSERT INTO llm_results (key, p_yes, question_id, question_version, model_id, template_id)
-SELECT * FROM unnest($1::text[], $2::float8[], $3::text[], $4::int[], $5::text[], $6::text[])
-ON CONFLICT (key) DO NOTHING
-"""
-
 
 @dataclass(frozen=True, slots=True)
 class CacheKey:
@@ -75,7 +69,7 @@ class ResultCache:
         db_timeout_s: float = 2.0,
     ) -> None:
         self.capacity = capacity
-        self.pool = pool
+        self.table = LLMResultsTable(pool) if pool is not None else None
         self.db_timeout_s = db_timeout_s
         self._lru: OrderedDict[str, float] = OrderedDict()
         self.db_errors = 0
@@ -102,20 +96,18 @@ class ResultCache:
             else:
                 self._lru.move_to_end(k.key)
                 found[k.key] = p
-        if rest and self.pool is not None:
+        if rest and self.table is not None:
             rest = list(dict.fromkeys(rest))
             try:
                 async with asyncio.timeout(self.db_timeout_s):
-                    async with self.pool.acquire() as conn:
-                        rows = await conn.fetch(_GET_SQL, rest)
+                    stored = await self.table.get(rest)
             except Exception as e:  # any database trouble is a miss, never a failed batch
                 self.db_errors += 1
                 log.warning("result cache lookup in Postgres failed, treating %d keys as misses: %s", len(rest), e)
-                rows = []
-            for row in rows:
-                p = float(row["p_yes"])
-                self._remember(row["key"], p)
-                found[row["key"]] = p
+                stored = {}
+            for key, p in stored.items():
+                self._remember(key, p)
+                found[key] = p
         return found
 
     async def put_many(self, results: Mapping[CacheKey, float]) -> None:
@@ -124,21 +116,15 @@ class ResultCache:
             return
         for k, p in results.items():
             self._remember(k.key, float(p))
-        if self.pool is None:
+        if self.table is None:
             return
         keys = list(results)
         try:
             async with asyncio.timeout(self.db_timeout_s):
-                async with self.pool.acquire() as conn:
-                    await conn.execute(
-                        _PUT_SQL,
-                        [k.key for k in keys],
-                        [float(results[k]) for k in keys],
-                        [k.question_id for k in keys],
-                        [k.question_version for k in keys],
-                        [k.model_id for k in keys],
-                        [k.template_id for k in keys],
-                    )
+                await self.table.put(
+                    [(k.key, float(results[k]), k.question_id, k.question_version, k.model_id, k.template_id)
+                     for k in keys]
+                )
         except Exception as e:  # any database trouble is a lost write, never a failed batch
             self.db_errors += 1
             log.warning("result cache write to Postgres failed, %d results kept in memory only: %s", len(keys), e)

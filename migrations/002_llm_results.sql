@@ -1,5 +1,5 @@
 -- LLM-stage result cache shared by replicas: P(yes) per (question version, evidence, model, template).
--- The key is a SHA-256 over all of those (agents/result_cache.py); the other columns are for people
+-- The key is a SHA-256 over all of those (agents/store/llm_results.py); the other columns are for people
 -- reading the table and for pruning (e.g. DELETE ... WHERE model_id <> current, or by created_at).
 CREATE TABLE llm_results (
     key              text             PRIMARY KEY,

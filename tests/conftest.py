@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from stream.config import Settings, load_settings
-from stream.infra import EmbeddedStack
+from stream.dev.infra import EmbeddedStack
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("FLEXOR_SHARED_DATA", REPO.parent / "shared" / "data"))

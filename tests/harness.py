@@ -22,8 +22,8 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from stream.app import Running, run_service
 from stream.config import Settings, settings_env
+from stream.dev.produce import produce_events
 from stream.kafka import connection_kwargs, ensure_topics, make_producer
-from stream.produce import produce_events
 
 REPO = Path(__file__).resolve().parent.parent
 

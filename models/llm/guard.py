@@ -14,7 +14,7 @@ removed from the prompt (never from the stored conversation or the published evi
 
 The rules are generic, in the spirit of OWASP's LLM01 guidance; there is no maintained
 library for this on PyPI that runs without downloading a classifier from a model hub, which
-these machines cannot do. ``agents.injection`` measures the flip rate with and without them,
+these machines cannot do. ``stream.bench.injection`` measures the flip rate with and without them,
 including phrasings the rules were not written from.
 """
 

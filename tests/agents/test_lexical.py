@@ -10,9 +10,9 @@ import pytest
 from agents.chunking import Turn
 from agents.features import FeatureExtractor
 from agents.heads import Head, HeadMismatch, HeadScorer
+from agents.learn.metrics import roc_auc
+from agents.learn.train import fit_head
 from agents.lexical import LEXICON_FILE, Lexicon
-from agents.metrics import roc_auc
-from agents.train import fit_head
 from agents.types import Conversation, EmbeddedConversation
 
 CUSTOMER = ["I want to check my balance", "book a table for two", "sorry, my payment failed", "what time is it"]

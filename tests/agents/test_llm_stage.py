@@ -16,11 +16,11 @@ from agents.cascade import Cascade, Stage1Result
 from agents.llm_stage import CACHE, FALLBACK, LLM, LLMCascadeStage
 from agents.questions import Question
 from agents.result_cache import ResultCache, cache_key
+from agents.store.migrate import migrate
 from agents.types import Evidence
 from models.llm.engine import EngineError
 from models.llm.hf import HFEngine
 from models.llm.tiny import ensure_tiny_model
-from stream.migrate import migrate
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -14,7 +14,7 @@ from agents.questions import load_questions
 from agents.similarity import SimilarityScorer
 from models.embedder import load_embedder
 from stream.config import LimitsConfig
-from stream.produce import load_conversations
+from stream.dev.produce import load_conversations
 from stream.schemas import decode_conversation
 from tests.conftest import EXAMPLES
 

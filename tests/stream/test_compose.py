@@ -61,8 +61,8 @@ def env_of(service: dict[str, Any], host_env: dict[str, str] | None = None) -> d
     return {k: interpolate(str(v), host_env or {}) for k, v in raw.items()}
 
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with comments dropped and continuation lines joined."""
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """Per build stage, (INSTRUCTION, arguments) with comments dropped and continuation lines joined."""
     out: list[tuple[str, str]] = []
     buf = ""
     for line in DOCKERFILE.read_text().splitlines():
@@ -76,7 +76,13 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
         instr, _, args = buf.partition(" ")
         out.append((instr.upper(), args.strip()))
         buf = ""
-    return out
+    starts = [i for i, (instr, _) in enumerate(out) if instr == "FROM"]
+    return [out[a:b] for a, b in zip(starts, [*starts[1:], len(out)], strict=True)]
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """The image's own instructions: its final stage."""
+    return dockerfile_stages()[-1]
 
 
 def dockerfile(instr: str) -> list[str]:
@@ -324,7 +330,7 @@ def image_copies() -> dict[PurePosixPath, Path]:
     for instr, args in dockerfile_instructions():
         if instr == "WORKDIR":
             workdir = workdir / args
-        elif instr == "COPY":
+        elif instr == "COPY" and "--from=" not in args:
             parts = [p for p in shlex.split(args) if not p.startswith("--")]
             *srcs, dest = parts
             dest_path = workdir / dest
@@ -373,20 +379,31 @@ def test_migrations_and_examples_ship_as_package_data() -> None:
     assert {"*.sql", "*.yaml", "*.jsonl"} <= set(cfg["package-data"]["*"])
     copied = " ".join(a for i, a in dockerfile_instructions() if i == "COPY")
     assert "migrations" in copied and "examples" in copied
-    from stream.migrate import MIGRATIONS_DIR, migration_files
+    from agents.store.migrate import MIGRATIONS_DIR, migration_files
 
     assert MIGRATIONS_DIR.name == "migrations" and migration_files()
 
 
 def test_dockerfile_shape() -> None:
-    instrs = dockerfile_instructions()
+    *builders, image = dockerfile_stages()
     (base,) = dockerfile("FROM")
     assert base.startswith("python:3.11-slim")
-    runs = [a for i, a in instrs if i == "RUN"]
+    runs = [a for i, a in image if i == "RUN"]
+    assert any(re.search(r"pip install (--\S+ )*\.(\s|$)", a) for a in runs), "the image installs the runtime"
+    assert not any("torch" in a or "[models]" in a for a in runs), "the image carries the runtime install only"
+    # A build stage exports the ONNX embedder with the models extra, torch (CPU) first...
+    (export,) = builders
+    stage = export[0][1].split()[-1]
+    runs = [a for i, a in export if i == "RUN"]
     torch_at = next(i for i, a in enumerate(runs) if "torch==2.13.0" in a)
     assert "https://download.pytorch.org/whl/cpu" in runs[torch_at]
-    install_at = next(i for i, a in enumerate(runs) if re.search(r"pip install (--\S+ )*\.(\s|$)", a))
+    install_at = next(i for i, a in enumerate(runs) if "pip install '.[models]'" in a)
     assert torch_at < install_at, "torch (CPU) must be installed before the project"
+    assert "load_embedder('onnx-int8')" in runs[install_at]
+    # ...and the image takes the exported files into its model cache.
+    env = dockerfile_env()
+    copies = [a.split() for i, a in image if i == "COPY" and f"--from={stage}" in a]
+    assert any(c[-1] == f"{env['FLEXOR_CACHE_DIR']}/onnx" for c in copies)
     users = dockerfile("USER")
     assert users and users[-1] not in ("root", "0")
     assert json.loads(dockerfile("ENTRYPOINT")[-1]) == ["flexor"]

@@ -293,7 +293,7 @@ def test_redacted_accepts_multi_host_url() -> None:
 
 # -- CLI ----------------------------------------------------------------------------------------------
 
-_HELPERS = ("agents.train", "agents.evaluate", "stream.bench")
+_HELPERS = ("agents.learn.train", "agents.learn.evaluate", "stream.bench")
 _MISSING = [m for m in _HELPERS if importlib.util.find_spec(m) is None]
 needs_helpers = pytest.mark.xfail(
     bool(_MISSING), strict=True,

@@ -26,7 +26,7 @@ import orjson
 import pytest
 
 from stream.config import Settings
-from stream.produce import load_conversations
+from stream.dev.produce import load_conversations
 from tests.conftest import EXAMPLES
 from tests.harness import (
     REPO,

@@ -28,8 +28,8 @@ import pytest
 import yaml
 
 from stream.config import Settings
-from stream.infra import EmbeddedBroker, EmbeddedPostgres
-from stream.produce import load_conversations
+from stream.dev.infra import EmbeddedBroker, EmbeddedPostgres
+from stream.dev.produce import load_conversations
 from tests.conftest import EXAMPLES
 from tests.harness import (
     check_delivery,

@@ -22,7 +22,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from stream.config import LimitsConfig, Settings
-from stream.produce import load_conversations
+from stream.dev.produce import load_conversations
 from stream.schemas import InvalidEvent, Reason, decode_conversation
 from tests.conftest import EXAMPLES
 from tests.harness import (

@@ -19,9 +19,9 @@ from pydantic import SecretStr
 
 from stream.app import run_service
 from stream.config import ConfigError, KafkaConfig, Settings, load_settings
-from stream.infra import free_port
+from stream.dev.infra import free_port
+from stream.dev.produce import load_conversations
 from stream.kafka import connection_kwargs, make_consumer, make_producer
-from stream.produce import load_conversations
 from tests.conftest import EXAMPLES, REPO
 from tests.harness import count_rows, create_topics, metric, produce, running_service, wait_until
 

@@ -13,7 +13,7 @@ import pytest
 
 from agents.chunking import Turn, transcript
 from stream.config import Settings
-from stream.produce import load_conversations
+from stream.dev.produce import load_conversations
 from tests.conftest import EXAMPLES, shared_file
 from tests.harness import (
     check_delivery,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from agents.injection import INJECTIONS
 from models.llm.guard import is_instruction, strip_instructions
 from models.llm.prompts import default_library, format_evidence
+from stream.bench.injection import INJECTIONS
 
 BASE = "user: I need a taxi to the airport please.\nassistant: Sure, where from?"
 

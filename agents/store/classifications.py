@@ -1,4 +1,4 @@
-"""Classification rows in Postgres: the idempotent sink (upsert by event_id) and the replay check."""
+"""The `classifications` table: the idempotent sink (upsert by event_id) and the replay check."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class Seen:
     event_ids: frozenset[str]
 
 
-class ResultsRepo:
+class ClassificationsTable:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 

@@ -30,15 +30,16 @@ import numpy as np
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents.labelled import source_names
-from stream.bench import _OutputWatcher, embedded_settings, machine, write_json
+from agents.learn.labelled import source_names
+from stream.bench import embedded_settings, machine, write_json
+from stream.bench.e2e import OutputWatcher
 from stream.config import Settings, settings_env
+from stream.dev.produce import load_conversations, produce_events
 from stream.kafka import ensure_topics, make_producer
-from stream.produce import load_conversations, produce_events
 
 
 def run_load(args: argparse.Namespace) -> int:
-    from stream.infra import EmbeddedStack, free_port
+    from stream.dev.infra import EmbeddedStack, free_port
 
     convs = []
     for path in args.conversations:
@@ -104,7 +105,7 @@ async def _load(settings: Settings, convs: list[dict[str, Any]], args: argparse.
     t = settings.topics
     await ensure_topics(settings.kafka, [t.input, t.output, t.dlq], t.partitions)
     proc = await asyncio.to_thread(_start_service, settings, log)
-    watcher = _OutputWatcher(settings)
+    watcher = OutputWatcher(settings)
     producer = make_producer(settings.kafka)
     await producer.start()
     await watcher.start()

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from agents.cascade import Cascade
-from agents.embedcache import CachingEmbedder
 from agents.evidence import MemoryEvidenceStore
-from agents.labelled import (
+from agents.learn.embedcache import CachingEmbedder
+from agents.learn.labelled import (
     LabelledQuestion,
     add_data_arguments,
     question_set,
@@ -38,7 +38,7 @@ from agents.labelled import (
     source_names,
     to_conversation,
 )
-from agents.metrics import pr_curve, reliability, summarize
+from agents.learn.metrics import pr_curve, reliability, summarize
 from agents.pipeline import Pipeline
 from agents.questions import QuestionSet
 from agents.similarity import SimilarityScorer

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.labelled import (
+from agents.learn.labelled import (
     LabelledConversation,
     Split,
     dataset_of,

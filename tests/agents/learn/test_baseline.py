@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from agents.baseline import EVIDENCE_MAX_TOKENS, SeedBaseline
 from agents.chunking import Turn, transcript
+from agents.learn.baseline import EVIDENCE_MAX_TOKENS, SeedBaseline
 from agents.questions import Question
 from agents.types import Conversation
 from models.llm.hf import HFEngine

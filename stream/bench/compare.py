@@ -7,7 +7,7 @@
   between the files (STAR and SGD half each when both are given).
 - Questions: the labelled questions; a question is asked of a conversation exactly when the
   evaluator would score it (its dataset, ``scope`` and ``exclude``), in both modes.
-- Baseline (``agents.baseline``): one conversation at a time, per question an evidence-finding
+- Baseline (``agents.learn.baseline``): one conversation at a time, per question an evidence-finding
   ``generate`` (64 tokens) and a validation ``score``, both over the whole transcript.
 - Cascade: the service's pipeline (chunk, embed, in-memory evidence store ranked as pgvector
   ranks, stage 1 from trained heads or the zero-shot scorer, the uncertain band to the
@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from agents.baseline import SeedBaseline
-from agents.labelled import (
+from agents.learn.baseline import SeedBaseline
+from agents.learn.labelled import (
     LabelledConversation,
     LabelledQuestion,
     Split,
@@ -49,8 +49,8 @@ from agents.labelled import (
     source_names,
     to_conversation,
 )
+from agents.learn.metrics import precision_recall_f1
 from agents.llm_stage import LLMCascadeStage
-from agents.metrics import precision_recall_f1
 from agents.questions import Question
 from agents.types import Answer, Conversation
 from models.llm.engine import StatsSnapshot, YesNoEngine
@@ -339,7 +339,7 @@ def compare(
     engine: YesNoEngine | None = None,
     progress: bool | None = None,
 ) -> dict[str, Any]:
-    from agents.evaluate import build_pipeline
+    from agents.learn.evaluate import build_pipeline
     from models.embedder import load_embedder
     from models.llm.specs import load_engine
 
@@ -491,7 +491,7 @@ def no_route_overhead(
 ) -> dict[str, Any]:
     """Pipeline conversations/s with no LLM stage vs an LLM stage whose band is empty ([0, 0] on
     every question, zero-shot stage 1), interleaved over ``rounds`` so machine noise hits both."""
-    from agents.evaluate import build_pipeline
+    from agents.learn.evaluate import build_pipeline
     from agents.questions import QuestionSet
     from models.embedder import load_embedder
     from models.llm.specs import load_engine

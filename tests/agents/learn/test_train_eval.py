@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from agents.heads import Head
-from agents.labelled import question_set, read_conversations, read_questions, shared_data_dir, to_conversation
+from agents.learn.labelled import question_set, read_conversations, read_questions, shared_data_dir, to_conversation
 
 DATA = shared_data_dir()
 pytestmark = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agents.metrics import (
+from agents.learn.metrics import (
     best_f1_threshold,
     ece,
     ece_floor,

@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from agents.embedcache import CachingEmbedder
 from agents.features import FEATURE_VERSION, FeatureExtractor
 from agents.heads import Calibration, Head, write_manifest
-from agents.labelled import (
+from agents.learn.embedcache import CachingEmbedder
+from agents.learn.labelled import (
     add_data_arguments,
     iter_gold,
     question_set,
@@ -43,8 +43,8 @@ from agents.labelled import (
     source_names,
     to_conversation,
 )
+from agents.learn.metrics import best_f1_threshold, summarize
 from agents.lexical import LEXICON_VERSION, Lexicon
-from agents.metrics import best_f1_threshold, summarize
 from agents.pipeline import embed_conversations
 from agents.similarity import SimilarityScorer
 from models.embedder import load_embedder

@@ -23,9 +23,9 @@ from rich.table import Table
 
 from stream.app import Running, run_service
 from stream.config import Settings, load_settings
-from stream.infra import EmbeddedStack
+from stream.dev.infra import EmbeddedStack
+from stream.dev.produce import load_conversations, produce_events
 from stream.kafka import make_producer
-from stream.produce import load_conversations, produce_events
 
 log = logging.getLogger(__name__)
 EXAMPLES = Path(str(importlib.resources.files("examples")))

@@ -51,9 +51,9 @@ def test_compare_writes_every_field(tmp_path: Path) -> None:
 
 
 def test_macro_f1_averages_only_questions_with_a_positive() -> None:
-    from agents.bench_compare import macro_f1
-    from agents.labelled import LabelledQuestion
+    from agents.learn.labelled import LabelledQuestion
     from agents.types import Answer
+    from stream.bench.compare import macro_f1
 
     def q(qid: str) -> LabelledQuestion:
         return LabelledQuestion(qid, "sgd", f"{qid}?", ("x",), (), ())

@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 import random
 
-from agents.bench_compare import asked_questions, conversation_for, load_inputs
 from agents.chunking import Turn
-from agents.evaluate import build_pipeline
-from agents.injection import INJECTIONS, _forced_evidence, build_test_set, inject, measure
-from agents.labelled import read_questions
+from agents.learn.evaluate import build_pipeline
+from agents.learn.labelled import read_questions
 from agents.llm_stage import LLMCascadeStage
 from agents.questions import QuestionSet
 from agents.types import Answer, Conversation
@@ -17,6 +15,8 @@ from models.embedder import load_embedder
 from models.llm.hf import HFEngine
 from models.llm.prompts import default_library
 from models.llm.tiny import ensure_tiny_model
+from stream.bench.compare import asked_questions, conversation_for, load_inputs
+from stream.bench.injection import INJECTIONS, _forced_evidence, build_test_set, inject, measure
 from tests.conftest import shared_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -6,8 +6,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from agents.heads import Head
-from agents.metrics import ece, roc_auc
-from agents.train import FewShotPool, fit_calibration, fit_few_shot, fit_head
+from agents.learn.metrics import ece, roc_auc
+from agents.learn.train import FewShotPool, fit_calibration, fit_few_shot, fit_head
 
 
 def _data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,6 @@
 """Prompt-injection flip rates: do instructions written inside a conversation change answers?
 
-    python -m agents.injection --conversations star.jsonl.gz sgd.jsonl.gz --questions questions.json \
+    python -m stream.bench.injection --conversations star.jsonl.gz sgd.jsonl.gz --questions questions.json \
         --engine hf:smollm2-135m --limit 100 [--heads DIR] --report DIR
 
 The test set is built from evaluation conversations: each copy gets one injected sentence
@@ -207,14 +207,14 @@ def to_markdown(r: dict[str, Any], engine: str, stage1: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agents.bench_compare import asked_questions, conversation_for, load_inputs
-    from agents.evaluate import build_pipeline
-    from agents.labelled import read_questions
+    from agents.learn.evaluate import build_pipeline
+    from agents.learn.labelled import read_questions
     from agents.llm_stage import LLMCascadeStage
     from models.embedder import load_embedder
     from models.llm.specs import load_engine
+    from stream.bench.compare import asked_questions, conversation_for, load_inputs
 
-    parser = argparse.ArgumentParser(prog="python -m agents.injection", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m stream.bench.injection", description=__doc__.splitlines()[0])
     parser.add_argument("--conversations", nargs="+", required=True, help="labelled star/sgd files")
     parser.add_argument("--questions", required=True, help="questions.json")
     parser.add_argument("--engine", default="hf-tiny", help="LLM engine spec ('none': stage 1 only)")
