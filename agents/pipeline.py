@@ -1,8 +1,9 @@
 """Classify a batch of conversations: chunk -> embed -> store -> retrieve evidence -> cascade.
 
-One call handles a whole batch: a single embedder call for every chunk of every conversation,
-one store round trip for the upsert and one for all evidence queries, stage 1 vectorised per
-question. Model work runs in a worker thread so the caller's event loop keeps serving.
+One call handles a whole batch: a single embedder call for every chunk text of the batch that the
+reuse cache does not hold, one store round trip for the upsert and one for all evidence queries,
+stage 1 for every question at once. Model work runs in a worker thread so the caller's event
+loop keeps serving.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from agents.cascade import Cascade, Stage1Result
 from agents.chunking import chunk_turns
+from agents.embedding_cache import EmbeddingCache
 from agents.evidence import EvidenceRequest, EvidenceStore
 from agents.questions import Question, QuestionSet
 from agents.types import Answer, Conversation, EmbeddedConversation
@@ -30,23 +32,55 @@ StageTimer = Callable[[str, float], None]
 class BatchResult:
     answers: list[list[Answer]]  # aligned with the input conversations
     embedded: list[EmbeddedConversation]
+    texts: int = 0  # chunk texts of the batch
+    texts_embedded: int = 0  # of those, run through the embedder (the rest came from the cache)
 
 
-def embed_conversations(embedder: Embedder, convs: Sequence[Conversation]) -> list[EmbeddedConversation]:
-    """Chunk every conversation and embed all chunks in one embedder call.
+def embed_conversations(
+    embedder: Embedder, convs: Sequence[Conversation], cache: EmbeddingCache | None = None
+) -> list[EmbeddedConversation]:
+    """Chunk every conversation and embed all chunks in one embedder call."""
+    return embed_batch(embedder, convs, cache)[0]
+
+
+def embed_batch(
+    embedder: Embedder, convs: Sequence[Conversation], cache: EmbeddingCache | None = None
+) -> tuple[list[EmbeddedConversation], int]:
+    """(embedded conversations, texts run through the embedder).
 
     The embedder sees each chunk without the sentences that address the model
     (`models.llm.guard`): otherwise an injected "answer yes" changes which chunks retrieval
     picks, and so the LLM's evidence, even though the guard strips it from the prompt. The
-    chunks themselves (stored, published as evidence) keep the original text."""
+    chunks themselves (stored, published as evidence) keep the original text.
+
+    With a cache, only texts it does not hold are embedded, each distinct text once; the
+    embedder is batch-independent, so the vectors are the ones a from-scratch call gives."""
     chunked = [chunk_turns(c.turns) for c in convs]
     texts = [strip_instructions(ch.text)[0] for chunks in chunked for ch in chunks]
-    vectors = embedder.embed(texts) if texts else np.zeros((0, embedder.dim), np.float32)
+    vectors = np.zeros((len(texts), embedder.dim), np.float32)
+    if cache is None:
+        todo = texts
+        if texts:
+            vectors[:] = embedder.embed(texts)
+    else:
+        found = cache.get_many(embedder.model_id, texts)
+        missing: dict[str, list[int]] = {}
+        for i, (text, v) in enumerate(zip(texts, found, strict=True)):
+            if v is None:
+                missing.setdefault(text, []).append(i)
+            else:
+                vectors[i] = v
+        todo = list(missing)
+        if todo:
+            fresh = embedder.embed(todo)
+            for rows, v in zip(missing.values(), fresh, strict=True):
+                vectors[rows] = v
+            cache.put_many(embedder.model_id, todo, fresh)
     out, pos = [], 0
     for conv, chunks in zip(convs, chunked, strict=True):
         out.append(EmbeddedConversation(conv, chunks, vectors[pos : pos + len(chunks)]))
         pos += len(chunks)
-    return out
+    return out, len(todo)
 
 
 class Pipeline:
@@ -56,10 +90,12 @@ class Pipeline:
         store: EvidenceStore,
         cascade: Cascade,
         executor: ThreadPoolExecutor | None = None,
+        cache: EmbeddingCache | None = None,
     ) -> None:
         self.embedder = embedder
         self.store = store
         self.cascade = cascade
+        self.cache = cache  # None: every chunk text is embedded again (reuse off)
         # One worker: model calls are already multi-threaded inside ONNX Runtime / torch.
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="models")
         self._query_vectors: dict[tuple[str, int, str], np.ndarray] = {}
@@ -67,8 +103,8 @@ class Pipeline:
     async def _in_worker(self, fn, *args):  # type: ignore[no-untyped-def]
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def _embed_conversations(self, convs: Sequence[Conversation]) -> list[EmbeddedConversation]:
-        return embed_conversations(self.embedder, convs)
+    def _embed(self, convs: Sequence[Conversation]) -> tuple[list[EmbeddedConversation], int]:
+        return embed_batch(self.embedder, convs, self.cache)
 
     def _queries(self, questions: Sequence[Question]) -> np.ndarray:
         missing = [q for q in questions if (q.id, q.version, q.retrieval_text) not in self._query_vectors]
@@ -81,7 +117,7 @@ class Pipeline:
     def _stage1(
         self, plan: list[tuple[Question, list[int]]], embedded: list[EmbeddedConversation]
     ) -> list[Stage1Result]:
-        return [self.cascade.stage1(q, [embedded[i] for i in idx]) for q, idx in plan]
+        return self.cascade.stage1(plan, embedded)
 
     async def classify(
         self,
@@ -96,7 +132,7 @@ class Pipeline:
             return now
 
         t = time.perf_counter()
-        embedded = await self._in_worker(self._embed_conversations, convs)
+        embedded, texts_embedded = await self._in_worker(self._embed, convs)
         t = lap("embed", t)
         await self.store.upsert(embedded, self.embedder.model_id)
         t = lap("store", t)
@@ -128,4 +164,5 @@ class Pipeline:
         for (q, idx), (_, _, ev), ds in zip(plan, per_question, decisions, strict=True):
             for i, e, d in zip(idx, ev, ds, strict=True):
                 answers[i].append(Answer(q.id, q.version, d.answer, d.p_yes, d.decided_by, tuple(e)))
-        return BatchResult(answers, embedded)
+        texts = sum(len(e.chunks) for e in embedded)
+        return BatchResult(answers, embedded, texts, texts_embedded)

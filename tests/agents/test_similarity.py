@@ -31,10 +31,12 @@ def scored() -> dict[str, tuple[np.ndarray, np.ndarray]]:
         gold[(d["conversation_id"], d["revision"], d["question_id"])] = d["answer"] == "yes"
     embedded = embed_conversations(embedder, convs)
     scorer = SimilarityScorer(embedder)
+    everyone = list(range(len(convs)))
+    results = scorer.stage1([(q, everyone) for q in questions.questions], embedded)
     out = {}
-    for q in questions.questions:
+    for q, r in zip(questions.questions, results, strict=True):
         y = np.array([gold[(c.conversation_id, c.revision, q.id)] for c in convs])
-        out[q.id] = (y, scorer.p_yes(q, embedded))
+        out[q.id] = (y, r.p_yes)
     return out
 
 
