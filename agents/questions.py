@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -44,6 +44,16 @@ class Question(BaseModel):
     band: tuple[float, float] = (0.35, 0.65)
     # Trained head id (a directory name under the heads dir); None = zero-shot path.
     head: str | None = None
+    # Which revisions answer it: closed ones only (the default), or open ones too (a real-time
+    # question). The closing revision answers every question.
+    on: list[Literal["open", "closed"]] = Field(default_factory=lambda: ["closed"])
+
+    @field_validator("on")
+    @classmethod
+    def _on_closed(cls, v: list[str]) -> list[str]:
+        if "closed" not in v:
+            raise ValueError("on must include closed: the closing revision answers every question")
+        return sorted(set(v), key=["open", "closed"].index)
 
     @field_validator("band")
     @classmethod
@@ -51,6 +61,11 @@ class Question(BaseModel):
         if not 0.0 <= v[0] <= v[1] <= 1.0:
             raise ValueError("band must be [low, high] with 0 <= low <= high <= 1")
         return v
+
+    def asked_at(self, status: str) -> bool:
+        """Whether a revision with this status answers the question: an open revision answers only
+        real-time questions; any other status (closed, or one this service does not know) all."""
+        return status != "open" or "open" in self.on
 
     @property
     def retrieval_text(self) -> str:

@@ -12,6 +12,7 @@ import asyncpg
 from prometheus_client import CollectorRegistry
 
 from agents.cascade import Cascade, LLMStage
+from agents.embedding_cache import EmbeddingCache
 from agents.pipeline import Pipeline
 from agents.questions import QuestionRegistry
 from agents.scoring import Stage1Scorer
@@ -87,7 +88,11 @@ async def run_service(
         heads, heads_version = await asyncio.to_thread(load_heads, settings, embedder)
         llm = await asyncio.to_thread(load_llm, settings, metrics, pool)
         cascade = Cascade(SimilarityScorer(embedder), heads, llm)
-        pipeline = Pipeline(embedder, PgEvidenceStore(pool), cascade)
+        cache = None
+        if settings.models.embedding_cache_mb:
+            cache = EmbeddingCache(settings.models.embedding_cache_mb * 2**20)
+            metrics.embedding_cache_bytes.set_function(lambda: cache.bytes)
+        pipeline = Pipeline(embedder, PgEvidenceStore(pool), cascade, cache=cache)
         models = {"embedder": embedder.model_id, "heads": heads_version, "llm": llm.model_id if llm else "none"}
         service = Service(settings, pipeline, questions, pool, metrics, models)
 

@@ -89,6 +89,8 @@ class ModelsConfig(BaseModel):
     heads_dir: Path | None = None
     # LLM engine spec for the uncertain band (hf-tiny, hf:PATH, openai:URL, trtllm:PATH); None = off.
     llm: str | None = None
+    # Chunk vectors kept for reuse (later revisions, repeated windows); 0 = embed every chunk again.
+    embedding_cache_mb: int = Field(default=64, ge=0)
 
 
 class Settings(BaseSettings):
@@ -226,6 +228,13 @@ def settings_env(settings: Settings) -> dict[str, str]:
     }
     if settings.kafka.transactional_id:
         env["FLEXOR_KAFKA__TRANSACTIONAL_ID"] = settings.kafka.transactional_id
+    m = settings.models
+    env["FLEXOR_MODELS__EMBEDDER"] = m.embedder
+    env["FLEXOR_MODELS__EMBEDDING_CACHE_MB"] = str(m.embedding_cache_mb)
+    if m.heads_dir is not None:
+        env["FLEXOR_MODELS__HEADS_DIR"] = str(m.heads_dir)
+    if m.llm:
+        env["FLEXOR_MODELS__LLM"] = m.llm
     return env
 
 

@@ -66,6 +66,16 @@ class Metrics:
         self.cache = Counter(
             "flexor_result_cache_total", "LLM result cache lookups", ["result"], registry=registry
         )
+        self.texts_embedded = Counter(
+            "flexor_texts_embedded_total", "Chunk texts run through the embedder", registry=registry
+        )
+        self.embedding_cache = Counter(
+            "flexor_embedding_cache_total", "Chunk texts looked up in the embedding reuse cache", ["result"],
+            registry=registry,
+        )
+        self.embedding_cache_bytes = Gauge(
+            "flexor_embedding_cache_bytes", "Bytes held by the embedding reuse cache", registry=registry
+        )
         self.transactions = Counter(
             "flexor_transactions_total", "Exactly-once batch transactions", ["result"], registry=registry
         )

@@ -222,6 +222,10 @@ class Service:
                 timer=lambda stage, s: self.metrics.stage_seconds.labels(stage).observe(s),
             )
             self.metrics.stage_seconds.labels("classify").observe(time.perf_counter() - t0)
+            self.metrics.texts_embedded.inc(result.texts_embedded)
+            if self.pipeline.cache is not None:
+                self.metrics.embedding_cache.labels("hit").inc(result.texts - result.texts_embedded)
+                self.metrics.embedding_cache.labels("miss").inc(result.texts_embedded)
             now = time.monotonic()
             for (f, conv, event_id), answers in zip(todo, result.answers, strict=True):
                 events.append(

@@ -1,7 +1,9 @@
 """`flexor bench`: benchmarks whose goals are ratios measured side by side in one run.
 
 --e2e      the service on the embedded broker + Postgres vs chunking + embedding alone, on the
-           same conversations; then latency at a produce rate of half the measured throughput.
+           same conversations; latency at a produce rate of half the measured throughput; the
+           same replay with embedding reuse off; with --revisions, growing chats reuse on vs off
+           (stream.bench.e2e).
 --compare  the seed baseline (whole conversation, two LLM calls per question) vs the cascade,
            on the same engine and conversations (stream.bench.compare).
 --load     fixed-rate load for a duration: throughput, latency, lag and RSS over time
@@ -20,6 +22,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from stream.config import Settings, load_settings
 
 EXAMPLES = Path(str(importlib.resources.files("examples")))
@@ -34,7 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="JSONL(.gz) conversations (conversation.v1 or the labelled-data format)")
     p.add_argument("--questions", type=Path, default=None, help="questions file (default: examples/questions.yaml)")
     p.add_argument("--answers", type=Path, default=None, help="gold answers (--compare: for macro-F1)")
-    p.add_argument("--heads", type=Path, default=None, help="trained heads directory")
+    p.add_argument("--heads", type=Path, default=None,
+                   help="trained heads directory (its questions.yaml is the default --questions)")
+    p.add_argument("--llm", default=None, help="--e2e/--load: LLM stage engine spec (e.g. openai:http://127.0.0.1:8899)")
+    p.add_argument("--revisions", action="store_true",
+                   help="--e2e: also stream each conversation as a growing chat (open revisions, then closed)")
+    p.add_argument("--realtime", default=None,
+                   help="--e2e/--load: question ids (comma-separated, or 'all') answered on open revisions too")
     p.add_argument("--engine", default="hf-tiny", help="LLM engine spec for --compare")
     p.add_argument("--limit", type=int, default=500, help="conversations to use")
     p.add_argument("--rate", type=float, default=None, help="--load: events per second")
@@ -71,6 +81,60 @@ def run(args: argparse.Namespace) -> int:
     from stream.bench.e2e import run_e2e
 
     return run_e2e(args)
+
+
+def questions_path(args: argparse.Namespace) -> Path:
+    """--questions, else the heads directory's questions.yaml, else the examples'."""
+    if args.questions is not None:
+        return Path(args.questions)
+    if args.heads is not None and (Path(args.heads) / "questions.yaml").exists():
+        return Path(args.heads) / "questions.yaml"
+    return EXAMPLES / "questions.yaml"
+
+
+def model_overrides(args: argparse.Namespace, report: Path) -> tuple[dict[str, Any], Path]:
+    """(settings overrides for --heads / --llm, the questions file to run). With --realtime the
+    named questions are answered on open revisions too: a copy of the file says so in `report`."""
+    from agents.questions import load_questions
+
+    overrides: dict[str, Any] = {}
+    if args.heads is not None:
+        overrides["models.heads_dir"] = Path(args.heads).resolve()
+    if args.llm:
+        overrides["models.llm"] = args.llm
+    path = questions_path(args)
+    if args.realtime:
+        qs = load_questions(path).questions
+        wanted = {q.id for q in qs} if args.realtime == "all" else set(args.realtime.split(","))
+        unknown = wanted - {q.id for q in qs}
+        if unknown:
+            raise ValueError(f"--realtime names {', '.join(sorted(unknown))}, not in {path.name}")
+        data = {"questions": [
+            q.model_dump(mode="json") | ({"on": ["open", "closed"]} if q.id in wanted else {}) for q in qs
+        ]}
+        report.mkdir(parents=True, exist_ok=True)
+        path = report / "questions.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    return overrides, path
+
+
+def models_described(args: argparse.Namespace) -> dict[str, Any]:
+    """settings.heads / settings.llm of a result: what ran, without machine paths."""
+    return {"heads": Path(args.heads).name if args.heads else "none", "llm": args.llm or "none",
+            "realtime": args.realtime or "none"}
+
+
+async def fresh_database(url: str, name: str) -> str:
+    """A new database on the server at `url`, for one benchmark run; its URL."""
+    import asyncpg
+
+    db = f"{name.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{db}"')
+    finally:
+        await conn.close()
+    return url.rsplit("/", 1)[0] + "/" + db
 
 
 def embedded_settings(stack: Any, name: str, questions: Path | None, **extra: Any) -> Settings:
