@@ -54,8 +54,10 @@ def load_llm(settings: Settings, metrics: Metrics, pool: asyncpg.Pool | None = N
         return None
     from agents.llm_stage import build_llm_stage
 
+    m = settings.models
     return build_llm_stage(
-        settings.models.llm,
+        m.llm,
+        engine_options={"device": m.device, "dtype": m.dtype} if m.llm.startswith("hf") else None,
         pool=pool,
         on_cache=lambda result, n: metrics.cache.labels(result=result).inc(n),
         on_fallback=metrics.llm_fallbacks.inc,
@@ -84,7 +86,8 @@ async def run_service(
         if create_topics:
             t = settings.topics
             await ensure_topics(settings.kafka, [t.input, t.output, t.dlq], t.partitions)
-        embedder = await asyncio.to_thread(load_embedder, settings.models.embedder)
+        m = settings.models
+        embedder = await asyncio.to_thread(load_embedder, m.embedder, m.device, m.dtype)
         heads, heads_version = await asyncio.to_thread(load_heads, settings, embedder)
         llm = await asyncio.to_thread(load_llm, settings, metrics, pool)
         cascade = Cascade(SimilarityScorer(embedder), heads, llm)

@@ -91,6 +91,10 @@ class ModelsConfig(BaseModel):
     llm: str | None = None
     # Chunk vectors kept for reuse (later revisions, repeated windows); 0 = embed every chunk again.
     embedding_cache_mb: int = Field(default=64, ge=0)
+    # Where the torch-based models run (the `torch` embedder, `hf` LLM engines), and in which dtype.
+    # The ONNX embedders run on the CPU in their own precision.
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
 class Settings(BaseSettings):
@@ -231,6 +235,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     m = settings.models
     env["FLEXOR_MODELS__EMBEDDER"] = m.embedder
     env["FLEXOR_MODELS__EMBEDDING_CACHE_MB"] = str(m.embedding_cache_mb)
+    env["FLEXOR_MODELS__DEVICE"] = m.device
+    env["FLEXOR_MODELS__DTYPE"] = m.dtype
     if m.heads_dir is not None:
         env["FLEXOR_MODELS__HEADS_DIR"] = str(m.heads_dir)
     if m.llm:

@@ -57,14 +57,16 @@ def _rate(fn: Callable[[], object], n: int) -> float:
 
 
 def bench_batching(engine: YesNoEngine, prompts: list[str], batch_sizes: tuple[int, ...] = (1, 32)) -> dict:
-    """Prompts/s of ``engine.score`` per batch size; batches are fed the way the scheduler
-    feeds them (one ``score`` call per batch), after one warm-up batch."""
+    """Prompts/s and tokens/s (prompt tokens read plus the one answer token) of ``engine.score``
+    per batch size; batches are fed the way the scheduler feeds them (one ``score`` call per
+    batch), after one warm-up batch."""
     engine.score(prompts[: max(batch_sizes)])
+    tokens = sum(engine.count_tokens(prompts)) + len(prompts)
     result: dict = {
         "model_id": engine.model_id,
         "threads": _torch_threads(),
         "prompts": len(prompts),
-        "mean_prompt_tokens": sum(engine.count_tokens(prompts)) / len(prompts),
+        "mean_prompt_tokens": (tokens - len(prompts)) / len(prompts),
     }
     for size in batch_sizes:
         if hasattr(engine, "batch_size"):
@@ -74,7 +76,9 @@ def bench_batching(engine: YesNoEngine, prompts: list[str], batch_sizes: tuple[i
             for start in range(0, len(prompts), size):
                 engine.score(prompts[start : start + size])
 
-        result[f"batch_{size}_prompts_per_s"] = round(_rate(run, len(prompts)), 2)
+        rate = _rate(run, len(prompts))
+        result[f"batch_{size}_prompts_per_s"] = round(rate, 2)
+        result[f"batch_{size}_tokens_per_s"] = round(rate * tokens / len(prompts), 1)
     low, high = min(batch_sizes), max(batch_sizes)
     result["speedup"] = round(result[f"batch_{high}_prompts_per_s"] / result[f"batch_{low}_prompts_per_s"], 2)
     return result

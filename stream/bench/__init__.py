@@ -8,6 +8,8 @@
            on the same engine and conversations (stream.bench.compare).
 --load     fixed-rate load for a duration: throughput, latency, lag and RSS over time
            (stream.bench.load).
+--llm-throughput  one LLM engine's prompts/s and tokens/s per batch size, on the device and
+           dtype given (stream.bench.llm_throughput).
 Results are JSON in --report DIR (bench.json), plus Markdown and PNG where the mode has them.
 """
 
@@ -34,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--e2e", action="store_true", help="service throughput vs embed-only, and latency")
     mode.add_argument("--compare", action="store_true", help="seed baseline vs cascade on one LLM engine")
     mode.add_argument("--load", action="store_true", help="fixed-rate load test with lag and memory over time")
+    mode.add_argument("--llm-throughput", action="store_true",
+                      help="an LLM engine's prompts/s and tokens/s per batch size (--engine, --batch-sizes)")
     p.add_argument("--conversations", type=Path, nargs="+", default=[EXAMPLES / "conversations.jsonl"],
                    help="JSONL(.gz) conversations (conversation.v1 or the labelled-data format)")
     p.add_argument("--questions", type=Path, default=None, help="questions file (default: examples/questions.yaml)")
@@ -45,7 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--e2e: also stream each conversation as a growing chat (open revisions, then closed)")
     p.add_argument("--realtime", default=None,
                    help="--e2e/--load: question ids (comma-separated, or 'all') answered on open revisions too")
-    p.add_argument("--engine", default="hf-tiny", help="LLM engine spec for --compare")
+    p.add_argument("--engine", default="hf-tiny", help="LLM engine spec for --compare and --llm-throughput")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N for the torch embedder and hf engines")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the torch embedder and hf engines")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+                   help="--llm-throughput: engine batch sizes")
+    p.add_argument("--prompts", type=int, default=256, help="--llm-throughput: prompts per batch size")
     p.add_argument("--limit", type=int, default=500, help="conversations to use")
     p.add_argument("--rate", type=float, default=None, help="--load: events per second")
     p.add_argument("--duration", type=float, default=600.0, help="--load: seconds of load")
@@ -78,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
         from stream.bench.load import run_load
 
         return run_load(args)
+    if args.llm_throughput:
+        from stream.bench.llm_throughput import run_llm_throughput
+
+        return run_llm_throughput(args)
     from stream.bench.e2e import run_e2e
 
     return run_e2e(args)
@@ -102,6 +116,10 @@ def model_overrides(args: argparse.Namespace, report: Path) -> tuple[dict[str, A
         overrides["models.heads_dir"] = Path(args.heads).resolve()
     if args.llm:
         overrides["models.llm"] = args.llm
+    if args.device:
+        overrides["models.device"] = args.device
+    if args.dtype:
+        overrides["models.dtype"] = args.dtype
     path = questions_path(args)
     if args.realtime:
         qs = load_questions(path).questions
@@ -116,6 +134,13 @@ def model_overrides(args: argparse.Namespace, report: Path) -> tuple[dict[str, A
         path = report / "questions.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     return overrides, path
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--device / --dtype as options of a transformers (hf*) engine; other engines take none."""
+    if not args.engine.startswith("hf"):
+        return {}
+    return {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v}
 
 
 def models_described(args: argparse.Namespace) -> dict[str, Any]:
