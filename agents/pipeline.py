@@ -20,7 +20,7 @@ from agents.cascade import Cascade, Stage1Result
 from agents.chunking import chunk_turns
 from agents.embedding_cache import EmbeddingCache
 from agents.evidence import EvidenceRequest, EvidenceStore
-from agents.questions import Question, QuestionSet
+from agents.questions import OPEN, Question, QuestionSet
 from agents.types import Answer, Conversation, EmbeddedConversation
 from models.embedder import Embedder
 from models.llm.guard import strip_instructions
@@ -131,15 +131,22 @@ class Pipeline:
                 timer(stage, now - since)
             return now
 
+        # An open revision answers only its real-time questions. With none to answer it costs no
+        # model work: it is neither embedded nor stored (its closing revision will be).
+        asked = [{q.id for q in questions.questions if q.applies(c.metadata) and q.asked_at(c.status)} for c in convs]
+        work = [i for i, c in enumerate(convs) if asked[i] or c.status != OPEN]
         t = time.perf_counter()
-        embedded, texts_embedded = await self._in_worker(self._embed, convs)
+        done, texts_embedded = await self._in_worker(self._embed, [convs[i] for i in work])
+        embedded = [EmbeddedConversation(c, [], np.zeros((0, self.embedder.dim), np.float32)) for c in convs]
+        for i, ec in zip(work, done, strict=True):
+            embedded[i] = ec
         t = lap("embed", t)
-        await self.store.upsert(embedded, self.embedder.model_id)
+        await self.store.upsert(done, self.embedder.model_id)
         t = lap("store", t)
 
         plan: list[tuple[Question, list[int]]] = []
         for q in questions.questions:
-            idx = [i for i, c in enumerate(convs) if q.applies(c.metadata) and embedded[i].chunks]
+            idx = [i for i in work if q.id in asked[i] and embedded[i].chunks]
             if idx:
                 plan.append((q, idx))
         queries = await self._in_worker(self._queries, [q for q, _ in plan])

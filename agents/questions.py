@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 log = logging.getLogger(__name__)
 
+OPEN = "open"  # the status of a chat still going; its revisions answer only real-time questions
+
 
 class Examples(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -65,7 +67,7 @@ class Question(BaseModel):
     def asked_at(self, status: str) -> bool:
         """Whether a revision with this status answers the question: an open revision answers only
         real-time questions; any other status (closed, or one this service does not know) all."""
-        return status != "open" or "open" in self.on
+        return status != OPEN or OPEN in self.on
 
     @property
     def retrieval_text(self) -> str:

@@ -12,7 +12,7 @@ from agents.cascade import Cascade
 from agents.chunking import chunk_turns, transcript
 from agents.embedding_cache import EmbeddingCache
 from agents.pipeline import Pipeline
-from agents.questions import load_questions
+from agents.questions import QuestionSet, load_questions
 from agents.similarity import SimilarityScorer
 from agents.store import create_pool
 from agents.store.chunks import PgEvidenceStore
@@ -41,10 +41,12 @@ async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 def growing(conv: Conversation, tenant: str) -> list[Conversation]:
-    """Revision k holds the first k turns, as a chat publishes itself each time someone speaks."""
+    """As a chat publishes itself: open revision k holds the first k turns, then it closes."""
+    n = len(conv.turns)
     return [
-        Conversation(tenant, conv.conversation_id, k, conv.turns[:k], conv.metadata)
-        for k in range(1, len(conv.turns) + 1)
+        Conversation(tenant, conv.conversation_id, k, conv.turns[: min(k, n)], conv.metadata,
+                     status="open" if k <= n else "closed")
+        for k in range(1, n + 2)
     ]
 
 
@@ -54,7 +56,9 @@ def answers_of(answers) -> list:  # type: ignore[no-untyped-def]
 
 async def test_growing_revisions_embed_each_text_once_and_answer_like_a_fresh_pass(pool: asyncpg.Pool) -> None:
     embedder = load_embedder("onnx-int8")
-    questions = load_questions(EXAMPLES / "questions.yaml")
+    examples = load_questions(EXAMPLES / "questions.yaml").questions
+    # Every question real-time, so that every revision is embedded and answered.
+    questions = QuestionSet(questions=[q.model_copy(update={"on": ["open", "closed"]}) for q in examples])
     events = load_conversations(EXAMPLES / "conversations.jsonl")
     convs = [decode_conversation(orjson.dumps(e), LimitsConfig()).to_conversation() for e in events]
     convs = sorted(convs, key=lambda c: -len(c.turns))[:4]  # the longest chats: most revisions
@@ -64,7 +68,7 @@ async def test_growing_revisions_embed_each_text_once_and_answer_like_a_fresh_pa
     scratch = Pipeline(embedder, store, cascade)
     # Chats interleave: each batch holds the next revision of every chat still going.
     chats = {"reuse": [growing(c, "reuse") for c in convs], "scratch": [growing(c, "scratch") for c in convs]}
-    rounds = max(len(c.turns) for c in convs)
+    rounds = max(len(revs) for revs in chats["reuse"])
     got: dict[str, dict[tuple[str, int], list]] = {"reuse": {}, "scratch": {}}
     embedded = {"reuse": 0, "scratch": 0}
     for k in range(rounds):
@@ -78,6 +82,7 @@ async def test_growing_revisions_embed_each_text_once_and_answer_like_a_fresh_pa
     assert got["reuse"].keys() == got["scratch"].keys()
     for key, answers in got["reuse"].items():
         assert answers_of(answers) == answers_of(got["scratch"][key]), key
+        assert {a.question_id for a in answers} == {q.id for q in questions.questions}
         text = transcript(next(c for c in convs if c.conversation_id == key[0]).turns[: key[1]])
         for a in answers:
             for e in a.evidence:
