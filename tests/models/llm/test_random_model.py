@@ -44,7 +44,7 @@ def test_torch_embedder_dtype_names_its_vectors() -> None:
 
 def test_device_setting_is_checked() -> None:
     assert load_settings(None, **{"models.device": "cuda:1", "models.dtype": "bfloat16"}).models.device == "cuda:1"
-    with pytest.raises(ConfigError, match="models.device"):
+    with pytest.raises(ConfigError, match=r"models\.device"):
         load_settings(None, **{"models.device": "gpu"})
 
 
