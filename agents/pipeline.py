@@ -156,6 +156,12 @@ class Pipeline:
             for i in idx
         ]
         evidence = await self.store.top_k(embedded, queries, requests)
+        newest: dict[tuple[str, str], int] = {}
+        for ec in done:
+            c = ec.conversation
+            newest[(c.tenant_id, c.conversation_id)] = max(newest.get((c.tenant_id, c.conversation_id), 0), c.revision)
+        if len(newest) < len(done):  # a growing chat's revisions in one batch: keep only the newest stored
+            await self.store.prune([(*k, r) for k, r in newest.items()])
         t = lap("retrieve", t)
 
         stage1 = await self._in_worker(self._stage1, plan, embedded)

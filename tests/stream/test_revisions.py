@@ -77,10 +77,10 @@ async def test_open_revisions_answer_real_time_questions_and_the_closing_one_all
     # The open email revision had nothing to answer: not embedded, not stored.
     conn = await asyncpg.connect(settings.database_url.get_secret_value())
     try:
-        stored = await conn.fetch("SELECT DISTINCT revision FROM chunks WHERE conversation_id = 'mail-1'")
+        stored = await conn.fetch("SELECT DISTINCT conversation_id, revision FROM chunks ORDER BY 1")
     finally:
         await conn.close()
-    assert [r["revision"] for r in stored] == [2]
+    assert [tuple(r) for r in stored] == [("chat-1", 4), ("mail-1", 2)]
 
     # Each distinct window embedded once; the rest reused.
     worked = [*chat, mail[1]]
