@@ -107,6 +107,8 @@ class Pipeline:
         return embed_batch(self.embedder, convs, self.cache)
 
     def _queries(self, questions: Sequence[Question]) -> np.ndarray:
+        if not questions:
+            return np.zeros((0, self.embedder.dim), np.float32)
         missing = [q for q in questions if (q.id, q.version, q.retrieval_text) not in self._query_vectors]
         if missing:
             vecs = self.embedder.embed([q.retrieval_text for q in missing])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import asyncpg
 import orjson
@@ -11,6 +12,7 @@ import pytest
 from agents.cascade import Cascade
 from agents.chunking import chunk_turns, transcript
 from agents.embedding_cache import EmbeddingCache
+from agents.evidence import MemoryEvidenceStore
 from agents.pipeline import Pipeline
 from agents.questions import QuestionSet, load_questions
 from agents.similarity import SimilarityScorer
@@ -93,3 +95,17 @@ async def test_growing_revisions_embed_each_text_once_and_answer_like_a_fresh_pa
     assert embedded["reuse"] == len(set(windows))
     assert embedded["scratch"] == len(windows)
     assert embedded["reuse"] < embedded["scratch"] / 2
+
+
+async def test_a_batch_with_nothing_to_answer_does_no_model_work() -> None:
+    """Open revisions and no real-time question: no embedding, empty answers (it used to crash
+    the batch: no questions to embed for retrieval)."""
+    embedder = load_embedder("onnx-int8")
+    questions = load_questions(EXAMPLES / "questions.yaml")
+    events = load_conversations(EXAMPLES / "conversations.jsonl", 3)
+    convs = [replace(decode_conversation(orjson.dumps(e), LimitsConfig()).to_conversation(), status="open")
+             for e in events]
+    pipeline = Pipeline(embedder, MemoryEvidenceStore(), Cascade(SimilarityScorer(embedder)))
+    result = await pipeline.classify(convs, questions)
+    assert result.answers == [[], [], []]
+    assert (result.texts, result.texts_embedded) == (0, 0)
