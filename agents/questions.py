@@ -126,8 +126,10 @@ def load_questions(path: str | Path) -> QuestionSet:
         raise QuestionFileError(f"questions file {path} is not valid YAML: {e}".splitlines()[0]) from None
     if isinstance(raw, list):
         raw = {"questions": raw}
-    # YAML 1.1 reads unquoted `yes:` / `no:` keys as booleans; accept them as written.
+    # YAML 1.1 reads unquoted `yes:` / `no:` / `on:` keys as booleans; accept them as written.
     for q in raw["questions"] if isinstance(raw, dict) and isinstance(raw.get("questions"), list) else []:
+        if isinstance(q, dict) and True in q and "on" not in q:
+            q["on"] = q.pop(True)
         ex = q.get("examples") if isinstance(q, dict) else None
         if isinstance(ex, dict):
             q["examples"] = {{True: "yes", False: "no"}.get(k, k): v for k, v in ex.items()}
