@@ -151,8 +151,13 @@ class Run:
         await self.watcher.wait_for(done, 3600)
         return max(self.watcher.arrived[k] for k in done) - t0
 
-    def snapshot(self) -> dict[str, Any]:
-        """Stage seconds, texts embedded and the reuse cache's counters so far."""
+    async def snapshot(self) -> dict[str, Any]:
+        """Stage seconds, texts embedded and the reuse cache's counters so far, once every batch
+        begun has recorded its total (the last output arrives before its batch's time is)."""
+        for _ in range(200):
+            if self.sample("flexor_batch_size_count") == self.sample("flexor_stage_seconds_count", {"stage": "batch"}):
+                break
+            await asyncio.sleep(0.05)
         seconds = {s: self.sample("flexor_stage_seconds_sum", {"stage": s}) for s in (*STAGES, "batch")}
         hits = self.sample("flexor_embedding_cache_total", {"result": "hit"})
         misses = self.sample("flexor_embedding_cache_total", {"result": "miss"})
@@ -244,7 +249,7 @@ async def _e2e(
     async with service_run(stack, "replay-on", questions, **overrides) as on:
         seconds = await on.burst(replay, keys_of(replay))
         throughput = len(replay) / seconds
-        shares_on = on.snapshot()
+        shares_on = await on.snapshot()
         latency_events = fresh or [dict(e, revision=e["revision"] + 1, event_id=f"{e['event_id']}:r2") for e in replay]
         rate = throughput / 2
         sent = await produce_events(on.producer, on.settings.topics.input, latency_events, rate=rate)
@@ -255,7 +260,7 @@ async def _e2e(
         models = on.watcher.models
     async with service_run(stack, "replay-off", questions, **{**overrides, "models.embedding_cache_mb": 0}) as off:
         seconds_off = await off.burst(replay, keys_of(replay))
-        shares_off = off.snapshot()
+        shares_off = await off.snapshot()
         answers_off = {k: off.watcher.answers[k] for k in keys_of(replay)}
     differing = sorted(f"{k[0]}@{k[1]}" for k in answers_on if answers_on[k] != answers_off[k])
     result.update(
@@ -292,7 +297,7 @@ async def _e2e(
                 seconds = await run.burst(stream, closing)
                 await run.watcher.wait_for(keys_of(stream), 600)
                 runs[name] = {"conversations_per_s": len(closing) / seconds, "events_per_s": len(stream) / seconds,
-                              "answers": sum(len(a) for a in run.watcher.answers.values()), **run.snapshot()}
+                              "answers": sum(len(a) for a in run.watcher.answers.values()), **await run.snapshot()}
         single = single_pass_texts(replay)
         on_texts = runs["reuse_on"]["texts_embedded"]
         result["revisions"] = {
