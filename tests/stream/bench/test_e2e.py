@@ -39,4 +39,6 @@ def test_e2e_revisions_report(tmp_path: Path) -> None:
     assert v["texts_single_pass"] == sum(len(windows(e)) for e in events)
     assert v["reuse_on"]["cache_hit_rate"] > 0 and v["reuse_off"]["cache_hit_rate"] is None
     assert 0 < v["reuse_on"]["stage_shares"]["embed"] < 1
+    for run in (r["replay"]["reuse_on"], r["replay"]["reuse_off"], v["reuse_on"], v["reuse_off"]):
+        assert sum(run["stage_shares"].values()) <= 1.0  # stages are parts of their batch's time
     assert len(v["realtime_questions"]) == 8
