@@ -81,8 +81,7 @@ async def run_service(
     pool = await create_pool(settings.database_url.get_secret_value())
     try:
         if create_topics:
-            t = settings.topics
-            await ensure_topics(settings.kafka, [t.input, t.output, t.dlq], t.partitions)
+            await ensure_topics(settings.kafka, settings.topics)
         embedder = await asyncio.to_thread(load_embedder, settings.models.embedder)
         heads, heads_version = await asyncio.to_thread(load_heads, settings, embedder)
         llm = await asyncio.to_thread(load_llm, settings, metrics, pool)
@@ -91,13 +90,14 @@ async def run_service(
         models = {"embedder": embedder.model_id, "heads": heads_version, "llm": llm.model_id if llm else "none"}
         service = Service(settings, pipeline, questions, pool, metrics, models)
 
-        app = make_app(registry, lambda: {"kafka": service.kafka_ok, "postgres": service.postgres_ok})
+        app = make_app(registry, service.health)
         runner, port = await start_http(app, settings.metrics_host, settings.metrics_port)
         loop = asyncio.get_running_loop()
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, service.stop)
-            loop.add_signal_handler(signal.SIGHUP, questions.reload)
+            # The reload reads and parses a file: off the event loop.
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, questions.reload))
         log.info("service starting: metrics on http://%s:%d/metrics", settings.metrics_host, port)
         try:
             if on_running is not None:

@@ -54,11 +54,15 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from stream.app import run_service
+    from stream.errors import FatalError
 
     settings = _settings(args)
     _setup_logging(settings.log_level)
     logging.getLogger(__name__).info("config: %s", settings.redacted())
-    asyncio.run(run_service(settings, create_topics=args.create_topics))
+    try:
+        asyncio.run(run_service(settings, create_topics=args.create_topics))
+    except FatalError:
+        return 1  # the service logged the one line that says why
     return 0
 
 

@@ -59,6 +59,8 @@ class DeadLetters:
             ("source.partition", str(r.partition).encode()),
             ("source.offset", str(r.offset).encode()),
         ]
+        if e.error_type is not None:
+            headers.append(("error.type", e.error_type.encode()))
         log.info("DLQ %s/%d@%d: %s: %s", r.topic, r.partition, r.offset, e.reason.value, e.message[:200])
         value = r.value
         if value is not None and len(value) > self.max_bytes:

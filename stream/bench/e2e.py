@@ -100,7 +100,7 @@ async def _e2e(settings: Settings, events: list[dict[str, Any]]) -> dict[str, An
 
     embed_rate = await _embed_only(settings, events)
     t = settings.topics
-    await ensure_topics(settings.kafka, [t.input, t.output, t.dlq], t.partitions)
+    await ensure_topics(settings.kafka, t)
     started: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
     service = asyncio.create_task(run_service(settings, on_running=started.set_result, install_signals=False))
     running = await started
