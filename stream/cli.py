@@ -194,7 +194,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             p.add_argument("--timeout", type=float, default=600.0, help="--demo gives up after this many seconds")
         elif name == "serve":
             _config_args(p)
-            p.add_argument("--create-topics", action="store_true", help="create missing topics at start")
+            p.add_argument("--create-topics", action="store_true",
+                           help="create missing topics at start (without it, a missing topic stops the service)")
         elif name in ("migrate",):
             _config_args(p)
         elif name == "produce":

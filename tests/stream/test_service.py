@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agents.chunking import Turn, transcript
 from stream.config import Settings
 from stream.dev.produce import load_conversations
-from tests.conftest import EXAMPLES, shared_file
+from tests.conftest import EXAMPLES, REPO, shared_file
 from tests.harness import (
     check_delivery,
     classification_rows,
@@ -217,6 +218,15 @@ async def test_revisions_replays_and_http(settings: Settings) -> None:
     assert value("flexor_commits_total", result="ok") >= 2
     assert total("flexor_dlq_events_total") == 0
     assert value("flexor_ready") == 1
+
+    # The README says what the service does: its stage labels and the models in its event example.
+    readme = (REPO / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `flexor_stage_seconds`"))
+    documented = set(re.findall(r"`([a-z0-9]+)`", row.split("|")[3].split("(", 1)[1]))
+    observed = {dict(labels)["stage"] for name, labels in samples if name == "flexor_stage_seconds_count"}
+    assert documented - observed == {"commit"} and observed <= documented  # commit: exactly-once mode only
+    example = orjson.loads(re.search(r'"models": (\{[^}]*\})', readme).group(1))  # type: ignore[union-attr]
+    assert example == published[0]["models"]
     await check_delivery(settings, events[3:] + [events[2], newer] + events[:2])
 
 
