@@ -18,9 +18,10 @@ from agents.scoring import Stage1Scorer
 from agents.similarity import SimilarityScorer
 from agents.store import create_pool
 from agents.store.chunks import PgEvidenceStore
+from agents.store.errors import explained
 from agents.store.migrate import migrate
 from models.embedder import Embedder, load_embedder
-from stream.config import Settings
+from stream.config import Settings, redact_url
 from stream.http import make_app, start_http
 from stream.kafka import ensure_topics
 from stream.metrics import Metrics
@@ -72,13 +73,15 @@ async def run_service(
     registry = registry or CollectorRegistry()
     metrics = Metrics(registry)
     questions = QuestionRegistry(settings.questions_file)
-    # Migrations first, on their own connection: the pool's connections need the vector type.
-    conn = await asyncpg.connect(settings.database_url.get_secret_value())
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    pool = await create_pool(settings.database_url.get_secret_value())
+    dsn = settings.database_url.get_secret_value()
+    async with explained(redact_url(dsn)):
+        # Migrations first, on their own connection: the pool's connections need the vector type.
+        conn = await asyncpg.connect(dsn)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        pool = await create_pool(dsn)
     try:
         if create_topics:
             t = settings.topics

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from agents.store.errors import DatabaseSetupError, explained
 from stream.config import ConfigError, Settings, load_settings
 
 EXAMPLES = Path(str(importlib.resources.files("examples")))
@@ -66,15 +67,18 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     import asyncpg
 
     from agents.store.migrate import migrate
+    from stream.config import redact_url
 
     settings = _settings(args)
+    dsn = settings.database_url.get_secret_value()
 
     async def go() -> list[str]:
-        conn = await asyncpg.connect(settings.database_url.get_secret_value())
-        try:
-            return await migrate(conn)
-        finally:
-            await conn.close()
+        async with explained(redact_url(dsn)):
+            conn = await asyncpg.connect(dsn)
+            try:
+                return await migrate(conn)
+            finally:
+                await conn.close()
 
     applied = asyncio.run(go())
     print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
@@ -245,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"flexor {command}: error: {e}", file=sys.stderr)
         return 2
+    except DatabaseSetupError as e:
+        print(f"flexor {command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return int(code or 0)
