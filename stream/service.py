@@ -31,6 +31,7 @@ from agents.types import Conversation
 from stream.config import Settings
 from stream.delivery import Delivery, make_delivery, transactional_id
 from stream.dlq import DeadLetters, Valid, decode_batch
+from stream.health import DependencyHealth
 from stream.intake import BACKOFF_MAX_S, BACKOFF_START_S, Fetched, Intake
 from stream.kafka import make_consumer, make_producer
 from stream.metrics import Metrics
@@ -86,8 +87,7 @@ class Service:
         self._idle = asyncio.Event()  # set while the worker holds no batch
         self._idle.set()
         self._stopping = asyncio.Event()
-        self.kafka_ok = False
-        self.postgres_ok = False
+        self.health = DependencyHealth(metrics)
         self.producer: AIOKafkaProducer | None = None
         self.delivery: Delivery | None = None
 
@@ -96,6 +96,14 @@ class Service:
     @property
     def consumer(self) -> AIOKafkaConsumer | None:
         return self.intake.consumer
+
+    @property
+    def kafka_ok(self) -> bool:
+        return self.health.is_up("kafka")
+
+    @property
+    def postgres_ok(self) -> bool:
+        return self.health.is_up("postgres")
 
     @property
     def ready(self) -> bool:
@@ -191,18 +199,17 @@ class Service:
                 kind = type(e).__name__
                 self.metrics.retries.labels(kind).inc()
                 self._mark_unhealthy(e)
+                # One line when the batch first fails; the dependency's state change says the rest.
+                (log.debug if self.intake.degraded else log.warning)(
+                    "batch failed (%s: %s); retrying in %.1f s", kind, e, backoff)
                 self.intake.degraded = True
                 if self._stopping.is_set():
                     raise
-                log.warning("batch failed (%s: %s); retrying in %.1f s", kind, e, backoff)
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     def _mark_unhealthy(self, e: BaseException) -> None:
-        if isinstance(e, KafkaError):
-            self.kafka_ok = False
-        else:
-            self.postgres_ok = False
+        self.health.down("kafka" if isinstance(e, KafkaError) else "postgres", e)
         self.metrics.ready.set(0)
 
     async def _process(self, batch: list[Fetched]) -> None:
@@ -235,7 +242,7 @@ class Service:
                     )
                 )
         await self.delivery.deliver(batch, invalid, events, qset.version)
-        self.postgres_ok = True
+        self.health.up("postgres")
 
         for _, ev in events:
             for a in ev["answers"]:
@@ -250,7 +257,7 @@ class Service:
         if not valid:
             return []
         seen = await self.results.seen(sorted({(c.tenant_id, c.conversation_id) for _, c in valid}))
-        self.postgres_ok = True
+        self.health.up("postgres")
         todo = []
         in_batch: set[str] = set()
         for f, conv in valid:
@@ -278,13 +285,13 @@ class Service:
         while True:
             try:
                 await asyncio.wait_for(self.pool.fetchval("SELECT 1"), timeout=3)
-                self.postgres_ok = True
-            except Exception:  # any failure means not ready; the reason is in the worker's log
-                self.postgres_ok = False
+                self.health.up("postgres")
+            except Exception as e:  # any failure means not ready
+                self.health.down("postgres", e)
             try:
                 await asyncio.wait_for(self.producer.client.fetch_all_metadata(), timeout=3)
-                self.kafka_ok = True
-            except Exception:
-                self.kafka_ok = False
+                self.health.up("kafka")
+            except Exception as e:
+                self.health.down("kafka", e)
             self.metrics.ready.set(1 if self.ready else 0)
             await asyncio.sleep(2)

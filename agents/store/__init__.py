@@ -3,8 +3,22 @@ plus the migrations that create them. Every pool's connections know the pgvector
 
 from __future__ import annotations
 
+import logging
+
 import asyncpg
 from pgvector.asyncpg import register_vector
+
+
+class _QuietFloorRetries(logging.Filter):
+    """asyncpg logs a full traceback each time its pool fails to reconnect the idle connection
+    floor, a few times a second during a Postgres outage. The service reports the outage itself:
+    one line per state change and a counter (`stream.health`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to restore the pool connection floor")
+
+
+logging.getLogger("asyncpg.pool").addFilter(_QuietFloorRetries())
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
