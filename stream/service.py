@@ -229,7 +229,6 @@ class Service:
                 timer=lambda stage, s: self.metrics.stage_seconds.labels(stage).observe(s),
             )
             self.metrics.stage_seconds.labels("classify").observe(time.perf_counter() - t0)
-            now = time.monotonic()
             for (f, conv, event_id), answers in zip(todo, result.answers, strict=True):
                 events.append(
                     (
@@ -237,7 +236,7 @@ class Service:
                         build_classification(
                             conv, answers, event_id=event_id, models=self.models,
                             source={"topic": f.tp.topic, "partition": f.tp.partition, "offset": f.record.offset},
-                            latency_ms=int((now - f.fetched_at) * 1000),
+                            latency_ms=round(f.age_s() * 1000),
                         ),
                     )
                 )

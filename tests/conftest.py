@@ -10,6 +10,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -63,9 +64,9 @@ def infra() -> Iterator[Endpoints]:
         yield Endpoints(stack.broker.bootstrap_servers, stack.postgres.url, stack)
 
 
-@pytest.fixture
-async def database(infra: Endpoints) -> AsyncIterator[str]:
-    """A fresh database per test; the URL of it."""
+@asynccontextmanager
+async def fresh_database(infra: Endpoints) -> AsyncIterator[str]:
+    """A new database on the session server, dropped afterwards; yields its URL."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(infra.postgres_url)
     try:
@@ -83,7 +84,19 @@ async def database(infra: Endpoints) -> AsyncIterator[str]:
 
 
 @pytest.fixture
+async def database(infra: Endpoints) -> AsyncIterator[str]:
+    """A fresh database per test; the URL of it."""
+    async with fresh_database(infra) as url:
+        yield url
+
+
+@pytest.fixture
 def settings(infra: Endpoints, database: str) -> Settings:
+    return make_settings(infra, database)
+
+
+def make_settings(infra: Endpoints, database: str) -> Settings:
+    """Settings for one test: its own database, topics and consumer group, short timeouts."""
     suffix = uuid.uuid4().hex[:8]
     return load_settings(
         None,
