@@ -36,6 +36,13 @@ def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
     )
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (1-65535)")
+    return port
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("aiokafka", "kafka"):
@@ -47,10 +54,14 @@ def _setup_logging(level: str) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from stream.dev.demo import run_demo, run_embedded
+    from stream.dev.infra import InfraError
 
-    if args.demo:
-        return run_demo(args)
-    return run_embedded(args)
+    if args.bootstrap_servers and args.broker_port:
+        raise ConfigError("--broker-port is for the embedded broker; --bootstrap-servers uses another one instead")
+    try:
+        return run_demo(args) if args.demo else run_embedded(args)
+    except InfraError as e:
+        raise ConfigError(str(e)) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -191,6 +202,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                            help="conversations to replay with --demo")
             p.add_argument("--questions", type=Path, help="questions file (default: examples/questions.yaml)")
             p.add_argument("--metrics-port", type=int, default=None, help="port for /metrics (default 9464; 0 = any)")
+            p.add_argument("--broker-port", type=_port, default=None,
+                           help="loopback port of the embedded broker (default: a free one)")
+            p.add_argument("--postgres-port", type=_port, default=None,
+                           help="loopback port of the embedded Postgres (default: a free one)")
+            p.add_argument("--print-env", action="store_true",
+                           help="print only `export` lines for another shell on stdout (banner and logs: stderr)")
             p.add_argument("--timeout", type=float, default=600.0, help="--demo gives up after this many seconds")
         elif name == "serve":
             _config_args(p)

