@@ -167,6 +167,21 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from stream import replay
+
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    if args.action == "summary":
+        print(replay.format_summary(settings.topics.dlq, asyncio.run(replay.summarize(settings))))
+        return 0
+    since = replay.parse_since(args.since) if args.since else None
+    report = asyncio.run(replay.replay(settings, reason=args.reason, since=since, dry_run=args.dry_run,
+                                       group_id=args.group))
+    print(report.line(settings.topics.input))
+    return 0
+
+
 def _delegate(module: str) -> tuple[object, object]:
     mod = importlib.import_module(module)
     return mod.add_arguments, mod.run  # type: ignore[attr-defined]
@@ -178,6 +193,7 @@ COMMANDS = {
     "migrate": ("Apply pending database migrations.", cmd_migrate),
     "produce": ("Replay a JSONL(.gz) file of conversations into the input topic.", cmd_produce),
     "tail": ("Print classification events from the output topic.", cmd_tail),
+    "dlq": ("Dead letters: `summary` (counts by reason), `replay` (back to the input topic, once each).", cmd_dlq),
     "train": ("Train per-question heads from labelled conversations.", "agents.learn.train"),
     "eval": ("Evaluate the pipeline on labelled conversations and write a report.", "agents.learn.evaluate"),
     "bench": ("Benchmarks: --e2e (service vs embed-only), --compare (baseline vs cascade), --load.", "stream.bench"),
@@ -226,6 +242,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             p.add_argument("--from-beginning", action="store_true", help="start at the oldest event")
             p.add_argument("--limit", type=int, default=0, help="stop after N events")
             p.add_argument("--summary", action="store_true", help="one line per event instead of JSON")
+        elif name == "dlq":
+            _config_args(p)
+            p.add_argument("action", choices=["summary", "replay"],
+                           help="summary: counts by reason, oldest and newest; replay: re-produce the original "
+                                "key, bytes and headers to the input topic, at most once per DLQ offset")
+            p.add_argument("--reason", help="replay only dead letters with this error.reason (e.g. text_too_long)")
+            p.add_argument("--since", help="replay only dead letters written since this ISO 8601 time or age (2h, 1d)")
+            p.add_argument("--dry-run", action="store_true", help="say what would be replayed; send nothing")
+            p.add_argument("--group", help="consumer group of the replay (default: <group_id>-dlq-replay)")
         elif name == command:
             add_arguments, _ = _delegate(str(target))
             add_arguments(p)  # type: ignore[operator]
