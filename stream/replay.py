@@ -23,14 +23,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from agents.store import create_pool
+from agents.store import open_database
 from agents.store.dlq_replays import DlqReplaysTable
-from agents.store.errors import explained
-from agents.store.migrate import migrate
 from stream.config import ConfigError, Settings, redact_url
 from stream.headers import original_headers
 from stream.kafka import connection_kwargs, make_producer
@@ -180,13 +177,7 @@ async def replay(
 ) -> ReplayReport:
     group_id = group_id or f"{settings.group_id}-dlq-replay"
     dsn = settings.database_url.get_secret_value()
-    async with explained(redact_url(dsn)):
-        conn = await asyncpg.connect(dsn)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
-        pool = await create_pool(dsn, max_size=2)
+    pool = await open_database(dsn, where=redact_url(dsn), max_size=2)
     report = ReplayReport(dry_run)
     try:
         table = DlqReplaysTable(pool)

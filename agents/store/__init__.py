@@ -28,3 +28,19 @@ async def init_connection(conn: asyncpg.Connection) -> None:
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=init_connection,
                                      command_timeout=30)
+
+
+async def open_database(dsn: str, *, where: str, max_size: int = 4) -> asyncpg.Pool:
+    """Apply pending migrations, then open a pool. `where` (the URL without its password) goes into
+    the one-line `DatabaseSetupError` that any failure of either becomes."""
+    from agents.store.errors import explained
+    from agents.store.migrate import migrate
+
+    async with explained(where):
+        # Migrations first, on their own connection: the pool's connections need the vector type.
+        conn = await asyncpg.connect(dsn)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        return await create_pool(dsn, max_size=max_size)
