@@ -37,6 +37,7 @@ from stream.kafka import make_consumer, make_producer
 from stream.metrics import Metrics
 from stream.offsets import OffsetTracker
 from stream.schemas import build_classification, classification_event_id
+from stream.tracing import BatchTracer
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class Service:
         self._idle.set()
         self._stopping = asyncio.Event()
         self.health = DependencyHealth(metrics)
+        self.tracer = BatchTracer(settings.topics.input, settings.group_id)
         self.producer: AIOKafkaProducer | None = None
         self.delivery: Delivery | None = None
 
@@ -190,7 +192,8 @@ class Service:
         backoff = BACKOFF_START_S
         while True:
             try:
-                await self._process(batch)
+                with self.tracer.batch(batch):
+                    await self._process(batch)
                 if self.intake.degraded:
                     log.info("batch succeeded after retries; resuming consumption")
                 self.intake.degraded = False
@@ -219,14 +222,15 @@ class Service:
         self.questions.maybe_reload()
         qset = self.questions.current
 
-        valid, invalid = decode_batch(batch, self.settings)
+        with self.tracer.stage("decode"):
+            valid, invalid = decode_batch(batch, self.settings)
         todo = await self._drop_seen(valid, qset.version)
         events: list[tuple[Fetched, dict[str, Any]]] = []
         if todo:
             t0 = time.perf_counter()
             result = await self.pipeline.classify(
                 [c for _, c, _ in todo], qset,
-                timer=lambda stage, s: self.metrics.stage_seconds.labels(stage).observe(s),
+                timer=self._stage_timed,
             )
             self.metrics.stage_seconds.labels("classify").observe(time.perf_counter() - t0)
             for (f, conv, event_id), answers in zip(todo, result.answers, strict=True):
@@ -240,7 +244,8 @@ class Service:
                         ),
                     )
                 )
-        await self.delivery.deliver(batch, invalid, events, qset.version)
+        with self.tracer.stage("deliver"):
+            await self.delivery.deliver(batch, invalid, events, qset.version)
         self.health.up("postgres")
 
         for _, ev in events:
@@ -248,6 +253,10 @@ class Service:
                 self.metrics.answers.labels(a["question_id"], a["answer"], a["decided_by"]).inc()
         self.metrics.classified.inc(len(events))
         self.metrics.stage_seconds.labels("batch").observe(time.perf_counter() - started)
+
+    def _stage_timed(self, stage: str, seconds: float) -> None:
+        self.metrics.stage_seconds.labels(stage).observe(seconds)
+        self.tracer.finished_stage(stage, seconds)
 
     async def _drop_seen(self, valid: Valid, qset_version: str) -> list[tuple[Fetched, Conversation, str]]:
         """Skip revisions older than one already classified, and exact replays (same event_id)

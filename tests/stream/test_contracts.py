@@ -72,12 +72,30 @@ class Served:
     dead_letters: list[ConsumerRecord]  # type: ignore[type-arg]
     latency_count: float
     classified: float
+    spans: list[Any] | None  # finished OpenTelemetry spans, when the SDK is installed
+
+
+def span_exporter() -> Any:
+    """An in-memory exporter on the global tracer provider (set once per process), or None."""
+    try:
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    except ImportError:
+        return None
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return exporter
 
 
 @pytest.fixture(scope="module")
 async def served(infra: Endpoints) -> AsyncIterator[Served]:
     examples = [orjson.loads(x) for x in (EXAMPLES / "conversations.jsonl").read_text().splitlines()[:3]]
     ages_s = [9.0, 6.0, 3.0]
+    exporter = span_exporter()
     async with fresh_database(infra) as db:
         settings = make_settings(infra, db)
         await create_topics(settings)
@@ -113,7 +131,8 @@ async def served(infra: Endpoints) -> AsyncIterator[Served]:
             latency_count = metric(reg, "flexor_event_latency_seconds_count")
             classified = metric(reg, "flexor_conversations_classified_total")
         yield Served(settings, examples, ages_s, await read_topic(settings, settings.topics.output),
-                     await read_topic(settings, settings.topics.dlq), latency_count, classified)
+                     await read_topic(settings, settings.topics.dlq), latency_count, classified,
+                     list(exporter.get_finished_spans()) if exporter else None)
 
 
 def headers_of(record: ConsumerRecord) -> dict[str, bytes]:  # type: ignore[type-arg]
@@ -186,6 +205,31 @@ def test_each_event_has_its_own_latency(served: Served) -> None:
 def test_latency_histogram_counts_classified_events_only(served: Served) -> None:
     assert served.classified == 3
     assert served.latency_count == 3, "a dead letter was counted in flexor_event_latency_seconds"
+
+
+def test_batches_are_traced_with_messaging_attributes(served: Served) -> None:
+    if served.spans is None:
+        pytest.skip("opentelemetry-sdk is not installed: pip install 'flexor-stream[otel]'")
+    s = served.settings
+    batches = [sp for sp in served.spans if sp.name == f"process {s.topics.input}"]
+    assert batches
+    for b in batches:
+        assert b.attributes["messaging.system"] == "kafka"
+        assert b.attributes["messaging.destination.name"] == s.topics.input
+        assert b.attributes["messaging.consumer.group.name"] == s.group_id
+        assert b.attributes["messaging.batch.message_count"] == len(b.links)
+    links = [link for b in batches for link in b.links]
+    assert len(links) == 4, "one link per input record"
+    inputs = {(int(orjson.loads(r.value)["source"]["partition"]), orjson.loads(r.value)["source"]["offset"])
+              for r in served.outputs}
+    linked = {(int(link.attributes["messaging.destination.partition.id"]), link.attributes["messaging.kafka.offset"])
+              for link in links}
+    assert inputs < linked, "each classified record is linked with its partition and offset"
+    trace_id = int(TRACEPARENT.split(b"-")[1], 16)
+    assert sum(link.context.trace_id == trace_id for link in links) == 2, "the traced input and the traced bad one"
+    stages = {sp.name for sp in served.spans if sp.parent is not None and any(
+        sp.parent.span_id == b.context.span_id for b in batches)}
+    assert {"decode", "embed", "deliver"} <= stages, stages
 
 
 # -- AsyncAPI ----------------------------------------------------------------------------------------
