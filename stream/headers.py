@@ -92,6 +92,6 @@ def original_headers(dlq_headers: Sequence[tuple[str, bytes]] | None) -> Headers
     for k, v in dlq_headers or ():
         if k in DLQ_ADDED:
             continue
-        out.append((k[len(ORIGINAL_PREFIX):] if k.startswith(ORIGINAL_PREFIX) and k[len(ORIGINAL_PREFIX):] in DLQ_ADDED
-                    else k, v))
+        name = k.removeprefix(ORIGINAL_PREFIX)
+        out.append((name if name in DLQ_ADDED else k, v))
     return out

@@ -6,6 +6,7 @@ fixed the service classifies what came back."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,15 @@ def write_config(settings: Settings, path: Path) -> Path:
 
 
 async def flexor(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """The command in-process; the logger levels it sets for its own run are put back after it."""
+    loggers = [logging.getLogger(name) for name in ("", "aiokafka", "kafka")]
+    levels = [lg.level for lg in loggers]
     capsys.readouterr()
-    code = await asyncio.to_thread(main, list(args))
+    try:
+        code = await asyncio.to_thread(main, list(args))
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
     out = capsys.readouterr()
     assert code == 0, out.err
     return out.out
