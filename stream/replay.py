@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from agents.store import open_database
@@ -92,7 +93,12 @@ async def _open(settings: Settings, group_id: str | None) -> tuple[AIOKafkaConsu
         isolation_level="read_committed" if settings.kafka.exactly_once else "read_uncommitted",
         **connection_kwargs(settings.kafka),
     )
-    await consumer.start()
+    try:
+        await consumer.start()
+    except KafkaError as e:
+        await consumer.stop()
+        raise ConfigError(f"cannot reach Kafka at {settings.kafka.bootstrap_servers} ({e}): check "
+                          "KAFKA_BOOTSTRAP_SERVERS and the kafka.* security settings") from None
     topic = settings.topics.dlq
     parts = consumer.partitions_for_topic(topic)
     if not parts:

@@ -142,3 +142,10 @@ async def test_summary_replay_once_and_resume(
         await wait_until(classified, 120, "the replayed conversations classified")
     outputs = [orjson.loads(r.value)["conversation_id"] for r in await read_topic(strict, strict.topics.output)]
     assert sorted(outputs) == sorted(e["conversation_id"] for e in long_ones)
+
+
+def test_unreachable_broker_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["dlq", "summary", "--bootstrap-servers", "127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("flexor dlq: error: cannot reach Kafka at 127.0.0.1:1")
