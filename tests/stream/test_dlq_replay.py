@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +32,19 @@ def write_config(settings: Settings, path: Path) -> Path:
     return path
 
 
-async def flexor(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    """The command in-process; the logger levels it sets for its own run are put back after it."""
+@pytest.fixture(autouse=True)
+def restore_log_levels() -> Iterator[None]:
+    """The CLI, run in-process, sets logger levels for its own run; later tests need them back."""
     loggers = [logging.getLogger(name) for name in ("", "aiokafka", "kafka")]
     levels = [lg.level for lg in loggers]
+    yield
+    for lg, level in zip(loggers, levels, strict=True):
+        lg.setLevel(level)
+
+
+async def flexor(capsys: pytest.CaptureFixture[str], *args: str) -> str:
     capsys.readouterr()
-    try:
-        code = await asyncio.to_thread(main, list(args))
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+    code = await asyncio.to_thread(main, list(args))
     out = capsys.readouterr()
     assert code == 0, out.err
     return out.out
