@@ -39,12 +39,14 @@ from stream.config import Settings
 from stream.delivery import Delivery, Progress, make_delivery, transactional_id
 from stream.dlq import DeadLetters, Invalid, Valid, decode_batch
 from stream.errors import ErrorKind, FatalError, classify, describe
+from stream.health import DependencyHealth
 from stream.intake import BACKOFF_MAX_S, BACKOFF_START_S, Fetched, Intake
 from stream.kafka import make_consumer, make_producer
 from stream.metrics import Metrics
 from stream.offsets import OffsetTracker
 from stream.poison import PoisonBudget, isolate
 from stream.schemas import InvalidEvent, Reason, build_classification, classification_event_id
+from stream.tracing import BatchTracer
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +119,8 @@ class Service:
         self._idle = asyncio.Event()  # set while the worker holds no batch
         self._idle.set()
         self._stopping = asyncio.Event()
-        self.kafka_ok = False
-        self.postgres_ok = False
+        self.health = DependencyHealth(metrics)
+        self.tracer = BatchTracer(settings.topics.input, settings.group_id)
         self.state = State.STARTING
         self.error: str | None = None  # what the service is retrying, or why it failed
         self.poison = PoisonBudget(settings.batch.max_poison_ratio, settings.batch.poison_window)
@@ -132,10 +134,18 @@ class Service:
         return self.intake.consumer
 
     @property
+    def kafka_ok(self) -> bool:
+        return self.health.is_up("kafka")
+
+    @property
+    def postgres_ok(self) -> bool:
+        return self.health.is_up("postgres")
+
+    @property
     def ready(self) -> bool:
         return self.state is State.READY and self.kafka_ok and self.postgres_ok
 
-    def health(self) -> dict[str, Any]:
+    def readiness(self) -> dict[str, Any]:
         """The /readyz body: ready or not, the state, each dependency, and the error being
         retried or that stopped the service."""
         return {"ready": self.ready, "state": self.state.value, "kafka": self.kafka_ok,
@@ -258,7 +268,8 @@ class Service:
             self._idle.clear()
             try:
                 if batch:
-                    await self._process(batch)
+                    with self.tracer.batch(batch):
+                        await self._process(batch)
                     await self.delivery.commit()
             finally:
                 self._idle.set()
@@ -281,11 +292,13 @@ class Service:
                     raise
                 self.metrics.retries.labels(type(e).__name__).inc()
                 self._mark_unhealthy(e)
+                # One line when the step first fails; the dependency's state change says the rest.
+                (log.debug if self.intake.degraded else log.warning)(
+                    "%s failed (%s); retrying in %.1f s", step, describe(e), backoff)
                 self.intake.degraded = True
                 self.state, self.error = State.RETRYING, f"{step}: {describe(e)}"
                 if self._stopping.is_set():
                     raise
-                log.warning("%s failed (%s); retrying in %.1f s", step, describe(e), backoff)
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 continue
@@ -305,10 +318,7 @@ class Service:
             return ErrorKind.RETRIABLE
 
     def _mark_unhealthy(self, e: BaseException) -> None:
-        if isinstance(e, KafkaError):
-            self.kafka_ok = False
-        else:
-            self.postgres_ok = False
+        self.health.down("kafka" if isinstance(e, KafkaError) else "postgres", e)
         self.metrics.ready.set(0)
 
     async def _process(self, batch: list[Fetched]) -> None:
@@ -319,16 +329,18 @@ class Service:
         # runs in a thread: the event loop keeps polling and heartbeating meanwhile.
         await asyncio.to_thread(self.questions.maybe_reload)
         qset = self.questions.current
-        valid, invalid = await asyncio.to_thread(decode_batch, batch, self.settings)
+        with self.tracer.stage("decode"):
+            valid, invalid = await asyncio.to_thread(decode_batch, batch, self.settings)
         work = BatchWork(batch, qset, invalid)
         work.todo = await self._retrying("replay check", lambda: self._drop_seen(valid, qset.version))
         if work.todo:
             work.events = await self._retrying("classify", lambda: self._classify(work))
         events = work.events or []
-        await self._retrying(
-            "deliver", lambda: self.delivery.deliver(batch, work.invalid, events, qset.version, work.progress)
-        )
-        self.postgres_ok = True
+        with self.tracer.stage("deliver"):
+            await self._retrying(
+                "deliver", lambda: self.delivery.deliver(batch, work.invalid, events, qset.version, work.progress)
+            )
+        self.health.up("postgres")
 
         for _, ev in events:
             for a in ev["answers"]:
@@ -347,7 +359,6 @@ class Service:
         for i, e in sorted(found.errors.items()):
             msg = (str(e).strip().splitlines() or [""])[0]
             work.invalid.append((todo[i].fetched, InvalidEvent(Reason.PROCESSING_ERROR, msg, type(e).__name__)))
-        now = time.monotonic()
         events = []
         for i, item in enumerate(todo):
             answers = found.results[i]
@@ -357,7 +368,7 @@ class Service:
             events.append((f, build_classification(
                 item.conv, answers, event_id=item.event_id, models=self.models,
                 source={"topic": f.tp.topic, "partition": f.tp.partition, "offset": f.record.offset},
-                latency_ms=int((now - f.fetched_at) * 1000),
+                latency_ms=round(f.age_s() * 1000),
             )))
         return events
 
@@ -368,14 +379,17 @@ class Service:
         if missing:
             t0 = time.perf_counter()
             embedded = await self.pipeline.embed([work.todo[i].conv for i in missing])
-            self.metrics.stage_seconds.labels("embed").observe(time.perf_counter() - t0)
+            self._stage_timed("embed", time.perf_counter() - t0)
             work.embedded.update(zip(missing, embedded, strict=True))
         result = await self.pipeline.classify(
             [work.todo[i].conv for i in idx], work.qset,
-            timer=lambda stage, s: self.metrics.stage_seconds.labels(stage).observe(s),
-            embedded=[work.embedded[i] for i in idx],
+            timer=self._stage_timed, embedded=[work.embedded[i] for i in idx],
         )
         return result.answers
+
+    def _stage_timed(self, stage: str, seconds: float) -> None:
+        self.metrics.stage_seconds.labels(stage).observe(seconds)
+        self.tracer.finished_stage(stage, seconds)
 
     async def _drop_seen(self, valid: Valid, qset_version: str) -> list[Item]:
         """Skip revisions older than one classified before or fetched before them in this batch,
@@ -385,7 +399,7 @@ class Service:
         if not valid:
             return []
         seen = await self.results.seen(sorted({(c.tenant_id, c.conversation_id) for _, c in valid}))
-        self.postgres_ok = True
+        self.health.up("postgres")
         newest = {key: prior.max_revision for key, prior in seen.items()}
         todo = []
         in_batch: set[str] = set()
@@ -417,14 +431,14 @@ class Service:
         while True:
             try:
                 await asyncio.wait_for(self.pool.fetchval("SELECT 1"), timeout=3)
-                self.postgres_ok = True
-            except Exception:  # any failure means not ready; the reason is in the worker's log
-                self.postgres_ok = False
+                self.health.up("postgres")
+            except Exception as e:  # any failure means not ready
+                self.health.down("postgres", e)
             try:
                 await asyncio.wait_for(self.producer.client.fetch_all_metadata(), timeout=3)
-                self.kafka_ok = True
-            except Exception:
-                self.kafka_ok = False
+                self.health.up("kafka")
+            except Exception as e:
+                self.health.down("kafka", e)
             self.metrics.ready.set(1 if self.ready else 0)
             await asyncio.sleep(2)
 

@@ -162,7 +162,7 @@ async def test_permission_denied_stops_the_service_and_readyz_says_failed(settin
                 return running.service.state.value == "failed"
 
             await wait_until(stopped, 60, "the service to stop on its own")
-    health = running.service.health()
+    health = running.service.readiness()
     assert health["ready"] is False and health["state"] == "failed"
     assert "InsufficientPrivilegeError: permission denied for table classifications" in health["error"]
     assert running.metrics.registry.get_sample_value("flexor_batch_retries_total",

@@ -148,7 +148,7 @@ async def test_planted_records_go_to_the_dlq_and_the_rest_is_classified(
 
         await wait_until(all_committed, 60, "offsets committed past the planted records")
         assert metric(reg, "flexor_dlq_events_total", {"reason": "processing_error"}) == 2
-        assert running.service.health()["state"] == "ready"
+        assert running.service.readiness()["state"] == "ready"
     dlq = await read_topic(settings, settings.topics.dlq)
     assert sorted(orjson.loads(r.value)["event_id"] for r in dlq) == sorted(e["event_id"] for e in planted)
     for rec in dlq:
