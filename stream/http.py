@@ -10,8 +10,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 
-def make_app(registry: CollectorRegistry, health: Callable[[], dict[str, Any]]) -> web.Application:
-    """`health()` returns the /readyz body; its "ready" key decides between 200 and 503."""
+def make_app(registry: CollectorRegistry, readiness: Callable[[], dict[str, Any]]) -> web.Application:
+    """`readiness()` returns the /readyz body; its "ready" key decides between 200 and 503."""
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -20,7 +20,7 @@ def make_app(registry: CollectorRegistry, health: Callable[[], dict[str, Any]]) 
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
-        body = health()
+        body = readiness()
         return web.json_response(body, status=200 if body["ready"] else 503)
 
     app = web.Application()

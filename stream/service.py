@@ -73,15 +73,14 @@ class Item:
 
 @dataclass
 class BatchWork:
-    """One batch and what has been computed for it so far: kept across retries, so that a retry
-    repeats only the step that failed, never the decode or the model work."""
+    """What has been computed for one batch so far: kept across retries, so that a retry repeats
+    only the step that failed, never the decode or the model work."""
 
-    batch: list[Fetched]
     qset: QuestionSet
     invalid: Invalid  # decode failures, then records whose classification raised
-    todo: list[Item] | None = None  # after the replay check
+    todo: list[Item] = field(default_factory=list)  # new revisions, after the replay check
     embedded: dict[int, EmbeddedConversation] = field(default_factory=dict)  # by index into todo
-    events: list[tuple[Fetched, dict[str, Any]]] | None = None
+    events: list[tuple[Fetched, dict[str, Any]]] = field(default_factory=list)
     progress: Progress = field(default_factory=Progress)
 
 
@@ -331,11 +330,11 @@ class Service:
         qset = self.questions.current
         with self.tracer.stage("decode"):
             valid, invalid = await asyncio.to_thread(decode_batch, batch, self.settings)
-        work = BatchWork(batch, qset, invalid)
+        work = BatchWork(qset, invalid)
         work.todo = await self._retrying("replay check", lambda: self._drop_seen(valid, qset.version))
         if work.todo:
             work.events = await self._retrying("classify", lambda: self._classify(work))
-        events = work.events or []
+        events = work.events
         with self.tracer.stage("deliver"):
             await self._retrying(
                 "deliver", lambda: self.delivery.deliver(batch, work.invalid, events, qset.version, work.progress)
@@ -350,14 +349,13 @@ class Service:
 
     async def _classify(self, work: BatchWork) -> list[tuple[Fetched, dict[str, Any]]]:
         """Classify the batch's new revisions, isolating records whose classification raises."""
-        assert work.todo is not None
         todo = work.todo
         t0 = time.perf_counter()
         found = await isolate(len(todo), lambda idx: self._answers(work, idx), self.poison)
         self.metrics.stage_seconds.labels("classify").observe(time.perf_counter() - t0)
         self.poison.record(ok=len(todo) - len(found.errors), failed=len(found.errors))
         for i, e in sorted(found.errors.items()):
-            msg = (str(e).strip().splitlines() or [""])[0]
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
             work.invalid.append((todo[i].fetched, InvalidEvent(Reason.PROCESSING_ERROR, msg, type(e).__name__)))
         events = []
         for i, item in enumerate(todo):
@@ -374,7 +372,6 @@ class Service:
 
     async def _answers(self, work: BatchWork, idx: Sequence[int]) -> list[list[Answer]]:
         """Answers for `work.todo[i]` for i in `idx`; embeddings are computed once and kept."""
-        assert work.todo is not None
         missing = [i for i in idx if i not in work.embedded]
         if missing:
             t0 = time.perf_counter()
