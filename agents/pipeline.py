@@ -32,8 +32,6 @@ StageTimer = Callable[[str, float], None]
 class BatchResult:
     answers: list[list[Answer]]  # aligned with the input conversations
     embedded: list[EmbeddedConversation]
-    texts: int = 0  # chunk texts of the batch
-    texts_embedded: int = 0  # of those, run through the embedder (the rest came from the cache)
 
 
 def embed_conversations(
@@ -83,6 +81,21 @@ def embed_batch(
     return out, len(todo)
 
 
+EmbedCounter = Callable[[int, int], None]  # (chunk texts of a call, of those run through the embedder)
+
+
+def asked_questions(convs: Sequence[Conversation], questions: QuestionSet) -> list[set[str]]:
+    """The ids of the questions each conversation answers: those that apply to it, and for an
+    open revision only the real-time ones."""
+    return [{q.id for q in questions.questions if q.applies(c.metadata) and q.asked_at(c.status)} for c in convs]
+
+
+def needs_work(conv: Conversation, asked: set[str]) -> bool:
+    """An open revision with nothing to answer costs no model work: it is neither embedded nor
+    stored (its closing revision will be). Every other revision is."""
+    return bool(asked) or conv.status != OPEN
+
+
 class Pipeline:
     def __init__(
         self,
@@ -91,11 +104,13 @@ class Pipeline:
         cascade: Cascade,
         executor: ThreadPoolExecutor | None = None,
         cache: EmbeddingCache | None = None,
+        on_embed: EmbedCounter | None = None,
     ) -> None:
         self.embedder = embedder
         self.store = store
         self.cascade = cascade
         self.cache = cache  # None: every chunk text is embedded again (reuse off)
+        self.on_embed = on_embed
         # One worker: model calls are already multi-threaded inside ONNX Runtime / torch.
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="models")
         self._query_vectors: dict[tuple[str, int, str], np.ndarray] = {}
@@ -103,8 +118,11 @@ class Pipeline:
     async def _in_worker(self, fn, *args):  # type: ignore[no-untyped-def]
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def _embed(self, convs: Sequence[Conversation]) -> tuple[list[EmbeddedConversation], int]:
-        return embed_batch(self.embedder, convs, self.cache)
+    def _embed(self, convs: Sequence[Conversation]) -> list[EmbeddedConversation]:
+        embedded, texts_embedded = embed_batch(self.embedder, convs, self.cache)
+        if self.on_embed is not None:
+            self.on_embed(sum(len(e.chunks) for e in embedded), texts_embedded)
+        return embedded
 
     def _queries(self, questions: Sequence[Question]) -> np.ndarray:
         if not questions:
@@ -121,28 +139,45 @@ class Pipeline:
     ) -> list[Stage1Result]:
         return self.cascade.stage1(plan, embedded)
 
+    async def embed(
+        self, convs: Sequence[Conversation], questions: QuestionSet | None = None
+    ) -> list[EmbeddedConversation]:
+        """Chunk and embed, in the worker: the model work of a batch, which a caller that retries
+        may keep (`embedded=` below). With `questions`, a revision that needs no model work
+        (`needs_work`) stands as a conversation without chunks."""
+        work = list(range(len(convs)))
+        if questions is not None:
+            work = [i for i, (c, a) in enumerate(zip(convs, asked_questions(convs, questions), strict=True))
+                    if needs_work(c, a)]
+        out = [EmbeddedConversation(c, [], np.zeros((0, self.embedder.dim), np.float32)) for c in convs]
+        if work:
+            for i, ec in zip(work, await self._in_worker(self._embed, [convs[i] for i in work]), strict=True):
+                out[i] = ec
+        return out
+
     async def classify(
         self,
         convs: Sequence[Conversation],
         questions: QuestionSet,
         timer: StageTimer | None = None,
+        embedded: Sequence[EmbeddedConversation] | None = None,
     ) -> BatchResult:
+        """`embedded`: the conversations' `embed()` results from an earlier attempt, if kept."""
+
         def lap(stage: str, since: float) -> float:
             now = time.perf_counter()
             if timer is not None:
                 timer(stage, now - since)
             return now
 
-        # An open revision answers only its real-time questions. With none to answer it costs no
-        # model work: it is neither embedded nor stored (its closing revision will be).
-        asked = [{q.id for q in questions.questions if q.applies(c.metadata) and q.asked_at(c.status)} for c in convs]
-        work = [i for i, c in enumerate(convs) if asked[i] or c.status != OPEN]
+        asked = asked_questions(convs, questions)
         t = time.perf_counter()
-        done, texts_embedded = await self._in_worker(self._embed, [convs[i] for i in work])
-        embedded = [EmbeddedConversation(c, [], np.zeros((0, self.embedder.dim), np.float32)) for c in convs]
-        for i, ec in zip(work, done, strict=True):
-            embedded[i] = ec
-        t = lap("embed", t)
+        if embedded is None:
+            embedded = await self.embed(convs, questions)
+            t = lap("embed", t)
+        embedded = list(embedded)
+        work = [i for i, c in enumerate(convs) if needs_work(c, asked[i])]
+        done = [embedded[i] for i in work]
         await self.store.upsert(done, self.embedder.model_id)
         t = lap("store", t)
 
@@ -179,5 +214,4 @@ class Pipeline:
         for (q, idx), (_, _, ev), ds in zip(plan, per_question, decisions, strict=True):
             for i, e, d in zip(idx, ev, ds, strict=True):
                 answers[i].append(Answer(q.id, q.version, d.answer, d.p_yes, d.decided_by, tuple(e)))
-        texts = sum(len(e.chunks) for e in embedded)
-        return BatchResult(answers, embedded, texts, texts_embedded)
+        return BatchResult(answers, embedded)

@@ -21,7 +21,9 @@ Generic recipe, applied identically to every question (nothing here knows a ques
    support-chat windows score far below the 0.45 that suits SGD's intent phrasing); otherwise a
    fixed midpoint. Without labels there is no real calibration.
 
-Question vectors are cached per (question id, version).
+Question vectors are cached per (question id, version, meaning): a question whose text or
+examples changed under the same version (which the registry refuses, but a caller may build) never
+gets the old prototype.
 
 Measured on the training split (macro ROC-AUC over the 13 shared questions; chosen there, not
 on the evaluation split): max cosine to the raw question 0.832; prototype of the expansions
@@ -146,8 +148,8 @@ class SimilarityScorer:
 
     def __init__(self, embedder: Embedder) -> None:
         self._embedder = embedder
-        self._vectors: dict[tuple[str, int], np.ndarray] = {}
-        self._midpoints: dict[tuple[str, int], float] = {}
+        self._vectors: dict[tuple[str, int, str], np.ndarray] = {}
+        self._midpoints: dict[tuple[str, int, str], float] = {}
         self._background: np.ndarray | None = None
         self._lock = threading.Lock()
 
@@ -157,8 +159,12 @@ class SimilarityScorer:
             self._background = v / np.linalg.norm(v)
         return self._background
 
+    @staticmethod
+    def _key(question: Question) -> tuple[str, int, str]:
+        return question.id, question.version, question.meaning
+
     def prototype(self, question: Question) -> np.ndarray:
-        key = (question.id, question.version)
+        key = self._key(question)
         with self._lock:
             if key not in self._vectors:
                 texts = expand(question.text)
@@ -183,7 +189,7 @@ class SimilarityScorer:
     def midpoint(self, question: Question) -> float:
         """The score at which p_yes is 0.5 for this question."""
         self.prototype(question)
-        return self._midpoints[(question.id, question.version)]
+        return self._midpoints[self._key(question)]
 
     def stage1(self, plan: Plan, convs: Sequence[EmbeddedConversation]) -> list[Stage1Result]:
         """Every plan question's prototype against every chunk of the batch in one matrix product."""

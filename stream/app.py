@@ -17,11 +17,10 @@ from agents.pipeline import Pipeline
 from agents.questions import QuestionRegistry
 from agents.scoring import Stage1Scorer
 from agents.similarity import SimilarityScorer
-from agents.store import create_pool
+from agents.store import open_database
 from agents.store.chunks import PgEvidenceStore
-from agents.store.migrate import migrate
 from models.embedder import Embedder, load_embedder
-from stream.config import Settings
+from stream.config import Settings, redact_url
 from stream.http import make_app, start_http
 from stream.kafka import ensure_topics
 from stream.metrics import Metrics
@@ -64,6 +63,31 @@ def load_llm(settings: Settings, metrics: Metrics, pool: asyncpg.Pool | None = N
     )
 
 
+async def build_pipeline(
+    settings: Settings, metrics: Metrics, pool: asyncpg.Pool
+) -> tuple[Pipeline, dict[str, str], LLMStage | None]:
+    """The pipeline and cascade the settings describe (models load in worker threads), the model
+    ids that go into every event, and the LLM stage (to close) if there is one."""
+    m = settings.models
+    embedder = await asyncio.to_thread(load_embedder, m.embedder, m.device, m.dtype)
+    heads, heads_version = await asyncio.to_thread(load_heads, settings, embedder)
+    llm = await asyncio.to_thread(load_llm, settings, metrics, pool)
+    cascade = Cascade(SimilarityScorer(embedder), heads, llm)
+    cache = EmbeddingCache(m.embedding_cache_mb * 2**20) if m.embedding_cache_mb else None
+    if cache is not None:
+        metrics.embedding_cache_bytes.set_function(lambda: cache.bytes)
+
+    def on_embed(texts: int, embedded: int) -> None:
+        metrics.texts_embedded.inc(embedded)
+        if cache is not None:
+            metrics.embedding_cache.labels("hit").inc(texts - embedded)
+            metrics.embedding_cache.labels("miss").inc(embedded)
+
+    pipeline = Pipeline(embedder, PgEvidenceStore(pool), cascade, cache=cache, on_embed=on_embed)
+    models = {"embedder": embedder.model_id, "heads": heads_version, "llm": llm.model_id if llm else "none"}
+    return pipeline, models, llm
+
+
 async def run_service(
     settings: Settings,
     *,
@@ -75,37 +99,22 @@ async def run_service(
     registry = registry or CollectorRegistry()
     metrics = Metrics(registry)
     questions = QuestionRegistry(settings.questions_file)
-    # Migrations first, on their own connection: the pool's connections need the vector type.
-    conn = await asyncpg.connect(settings.database_url.get_secret_value())
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    pool = await create_pool(settings.database_url.get_secret_value())
+    dsn = settings.database_url.get_secret_value()
+    pool = await open_database(dsn, where=redact_url(dsn))
     try:
         if create_topics:
-            t = settings.topics
-            await ensure_topics(settings.kafka, [t.input, t.output, t.dlq], t.partitions)
-        m = settings.models
-        embedder = await asyncio.to_thread(load_embedder, m.embedder, m.device, m.dtype)
-        heads, heads_version = await asyncio.to_thread(load_heads, settings, embedder)
-        llm = await asyncio.to_thread(load_llm, settings, metrics, pool)
-        cascade = Cascade(SimilarityScorer(embedder), heads, llm)
-        cache = None
-        if settings.models.embedding_cache_mb:
-            cache = EmbeddingCache(settings.models.embedding_cache_mb * 2**20)
-            metrics.embedding_cache_bytes.set_function(lambda: cache.bytes)
-        pipeline = Pipeline(embedder, PgEvidenceStore(pool), cascade, cache=cache)
-        models = {"embedder": embedder.model_id, "heads": heads_version, "llm": llm.model_id if llm else "none"}
+            await ensure_topics(settings.kafka, settings.topics)
+        pipeline, models, llm = await build_pipeline(settings, metrics, pool)
         service = Service(settings, pipeline, questions, pool, metrics, models)
 
-        app = make_app(registry, lambda: {"kafka": service.kafka_ok, "postgres": service.postgres_ok})
+        app = make_app(registry, service.readiness)
         runner, port = await start_http(app, settings.metrics_host, settings.metrics_port)
         loop = asyncio.get_running_loop()
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, service.stop)
-            loop.add_signal_handler(signal.SIGHUP, questions.reload)
+            # The reload reads and parses a file: off the event loop.
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, questions.reload))
         log.info("service starting: metrics on http://%s:%d/metrics", settings.metrics_host, port)
         try:
             if on_running is not None:

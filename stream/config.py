@@ -7,6 +7,7 @@ read because every platform sets those names. Secrets are `SecretStr`: they neve
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import re
 from contextvars import ContextVar
@@ -16,6 +17,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+# The example questions ship inside the package, so the default works from any directory.
+EXAMPLE_QUESTIONS = Path(str(importlib.resources.files("examples"))) / "questions.yaml"
 
 
 class ConfigError(ValueError):
@@ -72,6 +76,11 @@ class BatchConfig(BaseModel):
     max_wait_ms: int = Field(default=200, ge=1)
     # Records fetched but not yet committed; above it the consumer pauses its partitions.
     max_in_flight: int = Field(default=512, ge=1)
+    # Records whose classification raises go to the DLQ (`processing_error`), unless more than
+    # this share of the last `poison_window` classified records did: then the service stops, since
+    # a bad deploy must not drain the topic into the DLQ (`stream.poison`). 0 stops on the first.
+    max_poison_ratio: float = Field(default=0.05, ge=0.0, le=1.0)
+    poison_window: int = Field(default=200, ge=1)
 
 
 class LimitsConfig(BaseModel):
@@ -109,7 +118,7 @@ class Settings(BaseSettings):
     batch: BatchConfig = BatchConfig()
     limits: LimitsConfig = LimitsConfig()
     models: ModelsConfig = ModelsConfig()
-    questions_file: Path = Path("examples/questions.yaml")
+    questions_file: Path = EXAMPLE_QUESTIONS
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -229,6 +238,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "FLEXOR_BATCH__MAX_WAIT_MS": str(settings.batch.max_wait_ms),
         "FLEXOR_BATCH__MAX_EVENTS": str(settings.batch.max_events),
         "FLEXOR_BATCH__MAX_IN_FLIGHT": str(settings.batch.max_in_flight),
+        "FLEXOR_BATCH__MAX_POISON_RATIO": str(settings.batch.max_poison_ratio),
+        "FLEXOR_BATCH__POISON_WINDOW": str(settings.batch.poison_window),
     }
     if settings.kafka.transactional_id:
         env["FLEXOR_KAFKA__TRANSACTIONAL_ID"] = settings.kafka.transactional_id

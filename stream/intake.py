@@ -20,6 +20,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from stream.batching import MicroBatcher
 from stream.config import Settings
+from stream.errors import ErrorKind, FatalError, classify, describe
 from stream.metrics import Metrics
 from stream.offsets import OffsetTracker
 
@@ -41,6 +42,15 @@ class Fetched:
 
     def __post_init__(self) -> None:
         self.tp = TopicPartition(self.record.topic, self.record.partition)
+
+    def age_s(self) -> float:
+        """Seconds since the record entered Kafka: its timestamp (the producer's CreateTime, or the
+        broker's LogAppendTime), or its fetch when it carries none. Each record has its own, unlike
+        the fetch time, which a whole poll shares."""
+        ts = self.record.timestamp
+        if ts is not None and ts > 0:
+            return max(0.0, time.time() - ts / 1000)
+        return time.monotonic() - self.fetched_at
 
 
 class Intake:
@@ -71,6 +81,8 @@ class Intake:
                 records = await self.consumer.getmany(timeout_ms=wait_ms, max_records=self.settings.batch.max_events)
                 backoff = BACKOFF_START_S
             except KafkaError as e:
+                if classify(e) is ErrorKind.FATAL:  # e.g. not authorised to read the topic or join the group
+                    raise FatalError(f"fetch: {describe(e)}") from e
                 log.warning("fetch failed (%s), retrying in %.1f s", e, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)

@@ -179,7 +179,7 @@ async def service_run(stack: Any, name: str, questions: Any, **overrides: Any) -
     database = await fresh_database(stack.postgres.url, name)
     settings = embedded_settings(stack, name, questions, database_url=database, **overrides)
     t = settings.topics
-    await ensure_topics(settings.kafka, [t.input, t.output, t.dlq], t.partitions)
+    await ensure_topics(settings.kafka, t)
     started: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
     service = asyncio.create_task(run_service(settings, on_running=started.set_result, install_signals=False))
     done, _ = await asyncio.wait({started, service}, return_when=asyncio.FIRST_COMPLETED)

@@ -66,18 +66,21 @@ async def test_growing_revisions_embed_each_text_once_and_answer_like_a_fresh_pa
     convs = sorted(convs, key=lambda c: -len(c.turns))[:4]  # the longest chats: most revisions
     cascade = Cascade(SimilarityScorer(embedder))
     store = PgEvidenceStore(pool)
-    reuse = Pipeline(embedder, store, cascade, cache=EmbeddingCache(8 * 2**20))
-    scratch = Pipeline(embedder, store, cascade)
+    embedded = {"reuse": 0, "scratch": 0}
+
+    def counter(name: str):  # type: ignore[no-untyped-def]
+        return lambda texts, ran: embedded.__setitem__(name, embedded[name] + ran)
+
+    reuse = Pipeline(embedder, store, cascade, cache=EmbeddingCache(8 * 2**20), on_embed=counter("reuse"))
+    scratch = Pipeline(embedder, store, cascade, on_embed=counter("scratch"))
     # Chats interleave: each batch holds the next revision of every chat still going.
     chats = {"reuse": [growing(c, "reuse") for c in convs], "scratch": [growing(c, "scratch") for c in convs]}
     rounds = max(len(revs) for revs in chats["reuse"])
     got: dict[str, dict[tuple[str, int], list]] = {"reuse": {}, "scratch": {}}
-    embedded = {"reuse": 0, "scratch": 0}
     for k in range(rounds):
         for name, pipeline in (("reuse", reuse), ("scratch", scratch)):
             batch = [revs[k] for revs in chats[name] if k < len(revs)]
             result = await pipeline.classify(batch, questions)
-            embedded[name] += result.texts_embedded
             for conv, answers in zip(batch, result.answers, strict=True):
                 got[name][(conv.conversation_id, conv.revision)] = answers
 
@@ -101,11 +104,14 @@ async def test_a_batch_with_nothing_to_answer_does_no_model_work() -> None:
     """Open revisions and no real-time question: no embedding, empty answers (it used to crash
     the batch: no questions to embed for retrieval)."""
     embedder = load_embedder("onnx-int8")
-    questions = load_questions(EXAMPLES / "questions.yaml")
+    examples = load_questions(EXAMPLES / "questions.yaml").questions
+    questions = QuestionSet(questions=[q.model_copy(update={"on": ["closed"]}) for q in examples])
     events = load_conversations(EXAMPLES / "conversations.jsonl", 3)
     convs = [replace(decode_conversation(orjson.dumps(e), LimitsConfig()).to_conversation(), status="open")
              for e in events]
-    pipeline = Pipeline(embedder, MemoryEvidenceStore(), Cascade(SimilarityScorer(embedder)))
+    calls: list[tuple[int, int]] = []
+    pipeline = Pipeline(embedder, MemoryEvidenceStore(), Cascade(SimilarityScorer(embedder)),
+                        on_embed=lambda texts, ran: calls.append((texts, ran)))
     result = await pipeline.classify(convs, questions)
     assert result.answers == [[], [], []]
-    assert (result.texts, result.texts_embedded) == (0, 0)
+    assert calls == []  # the embedder never ran

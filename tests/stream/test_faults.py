@@ -15,6 +15,7 @@ thread), so stopping it does not disturb the session servers other tests use.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import socket
 import tempfile
@@ -182,9 +183,11 @@ def private_postgres() -> Iterator[EmbeddedPostgres]:
 
 
 async def test_postgres_outage_pauses_retries_and_resumes(
-    settings: Settings, private_postgres: EmbeddedPostgres
+    settings: Settings, private_postgres: EmbeddedPostgres, caplog: pytest.LogCaptureFixture
 ) -> None:
     from pydantic import SecretStr
+
+    caplog.set_level(logging.INFO)
 
     outage_s = 20.0
     settings = _small_batches(settings).model_copy(update={"database_url": SecretStr(private_postgres.url)})
@@ -196,6 +199,7 @@ async def test_postgres_outage_pauses_retries_and_resumes(
         await wait_until(lambda: _rows_at_least(settings, len(first)), 120, "the first conversations")
         await wait_until(lambda: _ready(running.http_port), 30, "/readyz before the outage")
 
+        caplog.clear()
         private_postgres.stop()
         t_stop = time.monotonic()
         await produce(settings, second)
@@ -225,10 +229,79 @@ async def test_postgres_outage_pauses_retries_and_resumes(
 
         await wait_until(settled, 30, "nothing in flight, consumption resumed")
         retries = sum(s.value for s in _samples(reg, "flexor_batch_retries_total"))
+        # What the operator sees: one line when Postgres went away and one when it came back (not a
+        # traceback per retry), and a counter of the failed attempts in between.
+        outage_log = [r for r in caplog.records if r.levelno >= logging.INFO]
+        assert not [r for r in outage_log if r.exc_info], "a traceback was logged during the outage"
+        assert len([r for r in outage_log if r.getMessage().startswith("postgres: unreachable")]) == 1
+        assert len([r for r in outage_log if r.getMessage().startswith("postgres: reachable again")]) == 1
+        assert len([r for r in outage_log if r.levelno >= logging.WARNING]) <= 4, [r.getMessage() for r in outage_log]
+        assert metric(reg, "flexor_dependency_errors_total", {"dependency": "postgres"}) >= 2
+        assert metric(reg, "flexor_dependency_up", {"dependency": "postgres"}) == 1
     await check_delivery(settings, first + second, registry=reg)
     record_outcome("postgres_outage", events=len(first) + len(second), outage_s=outage_s, batch_retries=retries,
                    restart_to_all_classified_s=round(resume_s, 1), restart_to_ready_s=round(ready_s, 1),
                    **await _output_stats(settings))
+
+
+async def test_a_failing_write_step_is_retried_without_repeating_model_work(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another session holds a lock on the classifications table, so the service's upsert times out
+    (lock_not_available, retriable) batch after batch until it is released. Every conversation is
+    still embedded exactly once, the output events are produced once, and /readyz says what is
+    being retried."""
+    import asyncpg
+
+    import agents.pipeline
+
+    embedded: list[str] = []
+    real = agents.pipeline.embed_conversations
+
+    def counting(embedder: Any, convs: Any) -> Any:
+        embedded.extend(c.conversation_id for c in convs)
+        return real(embedder, convs)
+
+    monkeypatch.setattr(agents.pipeline, "embed_conversations", counting)
+    url = settings.database_url.get_secret_value()
+    admin = await asyncpg.connect(url)
+    try:
+        await admin.execute(f'ALTER DATABASE "{url.rsplit("/", 1)[1]}" SET lock_timeout = \'200ms\'')
+    finally:
+        await admin.close()
+    inputs = _conversations(12)
+    await create_topics(settings)
+    async with running_service(settings) as running:
+        reg = running.metrics.registry
+        holder = await asyncpg.connect(url)
+        try:
+            # SHARE blocks inserts and updates, not reads: the replay check still passes.
+            await holder.execute("BEGIN; LOCK TABLE classifications IN SHARE MODE")
+            await produce(settings, inputs)
+
+            async def retrying() -> bool:
+                return metric(reg, "flexor_batch_retries_total", {"error": "LockNotAvailableError"}) >= 3
+
+            await wait_until(retrying, 60, "three retries of the write step")
+            async with aiohttp.ClientSession() as http, \
+                    http.get(f"http://127.0.0.1:{running.http_port}/readyz") as r:
+                assert r.status == 503
+                body = await r.json()
+            assert body["state"] == "retrying" and body["ready"] is False
+            assert body["error"].startswith("deliver: LockNotAvailableError")
+            assert await count_rows(settings) == 0
+        finally:
+            await holder.execute("ROLLBACK")
+            await holder.close()
+        await wait_until(lambda: _rows_at_least(settings, len(inputs)), 60, "the rows after the lock is released")
+        await wait_until(lambda: _ready(running.http_port), 30, "/readyz after the retries")
+        batches = metric(reg, "flexor_batch_size_count")
+    assert sorted(embedded) == sorted(e["conversation_id"] for e in inputs), "a retry embedded again"
+    assert (await _output_stats(settings))["duplicate_records"] == 0, "a retry produced the output again"
+    await check_delivery(settings, inputs, registry=reg)
+    record_outcome("write_step_lock", events=len(inputs), batches=int(batches),
+                   write_retries=int(metric(reg, "flexor_batch_retries_total", {"error": "LockNotAvailableError"})),
+                   embedding_passes_per_conversation=len(embedded) / len(inputs))
 
 
 def _samples(registry: Any, name: str) -> list[Any]:

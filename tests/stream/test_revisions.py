@@ -43,6 +43,7 @@ async def test_open_revisions_answer_real_time_questions_and_the_closing_one_all
     questions = load_questions(EXAMPLES / "questions.yaml").questions
     data = [q.model_dump(mode="json") for q in questions]
     for q in data:
+        q["on"] = ["closed"]
         if q["id"] == "customer_angry":
             q.update(on=["open", "closed"], applies_to={"channel": "chat"})
     path = tmp_path / "questions.yaml"
