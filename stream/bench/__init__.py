@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revisions", action="store_true",
                    help="--e2e: also stream each conversation as a growing chat (open revisions, then closed)")
     p.add_argument("--realtime", default=None,
-                   help="--e2e/--load: question ids (comma-separated, or 'all') answered on open revisions too")
+                   help="--e2e: question ids (comma-separated, or 'all') answered on open revisions too")
     p.add_argument("--engine", default="hf-tiny", help="LLM engine spec for --compare and --llm-throughput")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N for the torch embedder and hf engines")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -145,8 +145,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def models_described(args: argparse.Namespace) -> dict[str, Any]:
     """settings.heads / settings.llm of a result: what ran, without machine paths."""
-    return {"heads": Path(args.heads).name if args.heads else "none", "llm": args.llm or "none",
-            "realtime": args.realtime or "none"}
+    return {"heads": Path(args.heads).name if args.heads else "none", "llm": args.llm or "none"}
 
 
 async def fresh_database(url: str, name: str) -> str:
