@@ -24,6 +24,7 @@ from stream.config import Settings
 from stream.http import make_app, start_http
 from stream.kafka import ensure_topics
 from stream.metrics import Metrics
+from stream.monitoring import build_monitor
 from stream.service import Service
 
 log = logging.getLogger(__name__)
@@ -86,10 +87,12 @@ async def run_service(
         embedder = await asyncio.to_thread(load_embedder, settings.models.embedder)
         heads, heads_version = await asyncio.to_thread(load_heads, settings, embedder)
         llm = await asyncio.to_thread(load_llm, settings, metrics, pool)
-        cascade = Cascade(SimilarityScorer(embedder), heads, llm)
+        zero_shot = SimilarityScorer(embedder)
+        cascade = Cascade(zero_shot, heads, llm)
         pipeline = Pipeline(embedder, PgEvidenceStore(pool), cascade)
         models = {"embedder": embedder.model_id, "heads": heads_version, "llm": llm.model_id if llm else "none"}
-        service = Service(settings, pipeline, questions, pool, metrics, models)
+        monitor = await asyncio.to_thread(build_monitor, settings, metrics, embedder, zero_shot, heads, llm, pool)
+        service = Service(settings, pipeline, questions, pool, metrics, models, monitor)
 
         app = make_app(registry, lambda: {"kafka": service.kafka_ok, "postgres": service.postgres_ok})
         runner, port = await start_http(app, settings.metrics_host, settings.metrics_port)

@@ -165,6 +165,8 @@ COMMANDS = {
     "tail": ("Print classification events from the output topic.", cmd_tail),
     "train": ("Train per-question heads from labelled conversations.", "agents.learn.train"),
     "eval": ("Evaluate the pipeline on labelled conversations and write a report.", "agents.learn.evaluate"),
+    "heads": ("Compare two sets of heads offline: heads diff LIVE CANDIDATE --conversations ...",
+              "stream.dev.heads_diff"),
     "bench": ("Benchmarks: --e2e (service vs embed-only), --compare (baseline vs cascade), --load.", "stream.bench"),
 }
 

@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
+from agents.monitor import Monitor
 from agents.pipeline import Pipeline
 from agents.questions import QuestionRegistry
 from agents.store.classifications import ClassificationsTable
@@ -73,6 +74,7 @@ class Service:
         pool: asyncpg.Pool,
         metrics: Metrics,
         models: dict[str, str],
+        monitor: Monitor | None = None,
     ) -> None:
         self.settings = settings
         self.pipeline = pipeline
@@ -80,6 +82,7 @@ class Service:
         self.pool = pool
         self.metrics = metrics
         self.models = models
+        self.monitor = monitor
         self.results = ClassificationsTable(pool)
         self.tracker = OffsetTracker()
         self.intake = Intake(settings, self.tracker, metrics)
@@ -120,6 +123,8 @@ class Service:
             try:
                 await self._run_tasks()
             finally:
+                if self.monitor is not None:
+                    await self.monitor.drain(timeout=30)
                 await self.delivery.commit()  # the rebalance listener is not called on stop()
                 await consumer.stop()
         finally:
@@ -215,6 +220,7 @@ class Service:
         valid, invalid = decode_batch(batch, self.settings)
         todo = await self._drop_seen(valid, qset.version)
         events: list[tuple[Fetched, dict[str, Any]]] = []
+        result = None
         if todo:
             t0 = time.perf_counter()
             result = await self.pipeline.classify(
@@ -236,6 +242,8 @@ class Service:
                 )
         await self.delivery.deliver(batch, invalid, events, qset.version)
         self.postgres_ok = True
+        if self.monitor is not None and result is not None:
+            await self.monitor.submit([e for _, _, e in todo], [c for _, c, _ in todo], result, qset)
 
         for _, ev in events:
             for a in ev["answers"]:

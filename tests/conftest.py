@@ -63,16 +63,19 @@ def infra() -> Iterator[Endpoints]:
         yield Endpoints(stack.broker.bootstrap_servers, stack.postgres.url, stack)
 
 
-@pytest.fixture
-async def database(infra: Endpoints) -> AsyncIterator[str]:
-    """A fresh database per test; the URL of it."""
+async def create_database(infra: Endpoints) -> str:
+    """A fresh, empty database; its URL."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(infra.postgres_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    yield infra.postgres_url.rsplit("/", 1)[0] + "/" + name
+    return infra.postgres_url.rsplit("/", 1)[0] + "/" + name
+
+
+async def drop_database(infra: Endpoints, url: str) -> None:
+    name = url.rsplit("/", 1)[1]
     admin = await asyncpg.connect(infra.postgres_url)
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -83,7 +86,15 @@ async def database(infra: Endpoints) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def settings(infra: Endpoints, database: str) -> Settings:
+async def database(infra: Endpoints) -> AsyncIterator[str]:
+    """A fresh database per test; the URL of it."""
+    url = await create_database(infra)
+    yield url
+    await drop_database(infra, url)
+
+
+def make_settings(infra: Endpoints, database: str, **overrides: object) -> Settings:
+    """Settings for one test: the given database, unique topics and group, metrics on a free port."""
     suffix = uuid.uuid4().hex[:8]
     return load_settings(
         None,
@@ -102,8 +113,14 @@ def settings(infra: Endpoints, database: str) -> Settings:
             "metrics_port": 0,
             "metrics_host": "127.0.0.1",
             "batch.max_wait_ms": 100,
+            **overrides,
         },
     )
+
+
+@pytest.fixture
+def settings(infra: Endpoints, database: str) -> Settings:
+    return make_settings(infra, database)
 
 
 @pytest.fixture(scope="session")
