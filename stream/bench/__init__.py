@@ -2,6 +2,8 @@
 
 --e2e      the service on the embedded broker + Postgres vs chunking + embedding alone, on the
            same conversations; then latency at a produce rate of half the measured throughput.
+           With --monitoring: the same service with and without audit sampling and shadow
+           heads, side by side (stream.bench.monitoring).
 --compare  the seed baseline (whole conversation, two LLM calls per question) vs the cascade,
            on the same engine and conversations (stream.bench.compare).
 --load     fixed-rate load for a duration: throughput, latency, lag and RSS over time
@@ -35,7 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--questions", type=Path, default=None, help="questions file (default: examples/questions.yaml)")
     p.add_argument("--answers", type=Path, default=None, help="gold answers (--compare: for macro-F1)")
     p.add_argument("--heads", type=Path, default=None, help="trained heads directory")
-    p.add_argument("--engine", default="hf-tiny", help="LLM engine spec for --compare")
+    p.add_argument("--engine", default="hf-tiny", help="LLM engine spec for --compare and --e2e --monitoring")
+    p.add_argument("--monitoring", action="store_true",
+                   help="--e2e: measure the cost of audit sampling and shadow heads against the same run without")
+    p.add_argument("--audit-rate", type=float, default=0.01, help="--monitoring: audit rate of the audited variants")
+    p.add_argument("--shadow-heads", type=Path, default=None, help="--monitoring: candidate heads directory")
+    p.add_argument("--rounds", type=int, default=2, help="--monitoring: rounds of the four variants")
     p.add_argument("--limit", type=int, default=500, help="conversations to use")
     p.add_argument("--rate", type=float, default=None, help="--load: events per second")
     p.add_argument("--duration", type=float, default=600.0, help="--load: seconds of load")
@@ -60,6 +67,10 @@ def write_json(report: Path, data: dict[str, Any]) -> Path:
 def run(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise ValueError("--limit must be at least 1")
+    if args.monitoring and not args.e2e:
+        raise ValueError("--monitoring goes with --e2e")
+    if args.rounds < 1:
+        raise ValueError("--rounds must be at least 1")
     if args.compare:
         from stream.bench.compare import run_compare
 
@@ -68,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
         from stream.bench.load import run_load
 
         return run_load(args)
+    if args.monitoring:
+        from stream.bench.monitoring import run_monitoring
+
+        return run_monitoring(args)
     from stream.bench.e2e import run_e2e
 
     return run_e2e(args)
