@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,8 @@ class Conversation:
     revision: int
     turns: tuple[Turn, ...]
     metadata: dict[str, Any] = field(default_factory=dict)
+    status: str = "closed"  # a chat is published "open" as it grows, then "closed"
+    occurred_at: datetime | None = None
 
 
 @dataclass(slots=True)

@@ -68,6 +68,8 @@ class ConversationV1(BaseModel):
             revision=self.revision,
             turns=tuple(Turn(t.turn_id, t.speaker, t.text) for t in self.turns),
             metadata=self.metadata,
+            status=self.status,
+            occurred_at=self.occurred_at,
         )
 
 

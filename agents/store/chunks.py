@@ -1,5 +1,6 @@
-"""The `chunks` table: each conversation's latest revision, chunked and embedded, and exact
-top-k evidence retrieval within one conversation (pgvector cosine distance, then chunk order)."""
+"""The `chunks` table: each conversation's latest revision, chunked and embedded (written with its
+`conversations` row, `agents.store.conversations`), and exact top-k evidence retrieval within one
+conversation (pgvector cosine distance, then chunk order)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncpg
 import numpy as np
 
 from agents.evidence import EvidenceRequest, chunk_id, to_evidence
+from agents.store.conversations import upsert_conversations
 from agents.types import EmbeddedConversation, Evidence
 
 _TOP_K_SQL = """
@@ -77,6 +79,7 @@ class PgEvidenceStore:
             )
             if rows:
                 await conn.executemany(_INSERT_SQL, rows)
+            await upsert_conversations(conn, [ec.conversation for ec in convs], embedder_id)
 
     async def top_k(
         self,
