@@ -63,8 +63,11 @@ class Monitor:
         """Checks for one published batch; `keys` are the events' ids (the audit samples by them)."""
         await self.drain()
         if self.drift is not None:
-            for q, _, s1 in result.stage1:
-                self.sink.drift(self.drift.observe(q, s1.p_yes, s1.threshold, s1.decided_by))
+            try:
+                for q, _, s1 in result.stage1:
+                    self.sink.drift(self.drift.observe(q, s1.p_yes, s1.threshold, s1.decided_by))
+            except Exception:
+                log.exception("drift check failed on a batch")
         if self.shadow is not None or self.auditor is not None:
             self._pending = asyncio.create_task(self._background(keys, convs, result, questions), name="monitor")
 
@@ -77,6 +80,8 @@ class Monitor:
             await asyncio.wait_for(task, timeout)
         except TimeoutError:
             log.warning("monitoring checks still running after %.0f s: dropped", timeout)
+        except Exception:  # a monitor's bug must not stop the stream
+            log.exception("monitoring checks failed on a batch")
 
     async def _background(
         self, keys: Sequence[str], convs: Sequence[Conversation], result: BatchResult, questions: QuestionSet
