@@ -70,6 +70,13 @@ class Metrics:
             "flexor_transactions_total", "Exactly-once batch transactions", ["result"], registry=registry
         )
         self.ready = Gauge("flexor_ready", "1 when Kafka and Postgres are reachable", registry=registry)
+        self.dependency_up = Gauge(
+            "flexor_dependency_up", "1 while the dependency is reachable", ["dependency"], registry=registry
+        )
+        self.dependency_errors = Counter(
+            "flexor_dependency_errors_total", "Failed attempts to reach a dependency (probes and batches)",
+            ["dependency"], registry=registry,
+        )
         # Are the answers still right? (agents/monitor.py: audit sampling, shadow heads, drift)
         self.audit = Counter(
             "flexor_audit_answers_total", "Audited stage-1 answers, by agreement with the LLM",

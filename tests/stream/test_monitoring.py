@@ -22,7 +22,7 @@ from agents.audit import STAGE1
 from agents.learn.labelled import read_answers, split_of
 from stream.config import Settings
 from stream.dev.produce import load_conversations, to_conversation_v1
-from tests.conftest import EXAMPLES, Endpoints, create_database, drop_database, make_settings, shared_file
+from tests.conftest import EXAMPLES, Endpoints, fresh_database, make_settings, shared_file
 from tests.harness import create_topics, metric, produce, read_topic, running_service, wait_until
 from tests.promtool import promtool
 
@@ -68,7 +68,6 @@ async def audit_runs(infra: Endpoints) -> AsyncIterator[dict[str, Run]]:
     event (rate 1.0), the other none."""
     events = load_conversations(EXAMPLES / "conversations.jsonl", 12)
     runs: dict[str, Run] = {}
-    dbs = [await create_database(infra) for _ in range(2)]
 
     # Loading two transformers models at once in two threads fails inside transformers: the second
     # service starts once the first has its model.
@@ -87,13 +86,10 @@ async def audit_runs(infra: Endpoints) -> AsyncIterator[dict[str, Run]]:
         outputs = [orjson.loads(r.value) for r in await read_topic(s, s.topics.output)]
         runs[name] = Run(s, running.metrics.registry, scrape, outputs, await _labels(s), {})
 
-    try:
+    async with fresh_database(infra) as audited_db, fresh_database(infra) as plain_db:
         # side by side: the two start-ups overlap
-        await asyncio.gather(run("audited", 1.0, dbs[0], None), run("plain", 0.0, dbs[1], first_loaded))
+        await asyncio.gather(run("audited", 1.0, audited_db, None), run("plain", 0.0, plain_db, first_loaded))
         yield runs
-    finally:
-        for db in dbs:
-            await drop_database(infra, db)
 
 
 def _answers(run: Run) -> dict[tuple[str, int, str], dict[str, Any]]:
@@ -208,29 +204,30 @@ async def drift_run(infra: Endpoints, tmp_path_factory: pytest.TempPathFactory) 
     assert len(phase1) == len(phase2) == 2 * WINDOW
     (root / "phase1.jsonl").write_bytes(b"\n".join(orjson.dumps(e) for e in phase1) + b"\n")
 
-    db = await create_database(infra)
-    s = make_settings(infra, db, **{
-        "models.heads_dir": root / "live", "models.shadow_heads_dir": root / "candidate",
-        "questions_file": root / "live" / "questions.yaml", "drift.window": WINDOW, "drift.min_answers": WINDOW,
-    })
-    try:
-        await create_topics(s)
-        async with running_service(s) as running:
-            reg = running.metrics.registry
-            await produce(s, phase1)
-            await _classified(running, len(phase1))
-            before, shadow1 = _readings(reg), _shadow(reg)
-            yes1 = {q: metric(reg, "flexor_answers_total", {"question_id": q, "answer": "yes",
-                                                            "decided_by": "few-shot"}) for q in QUESTIONS}
-            await produce(s, phase2)
-            await _classified(running, len(phase1) + len(phase2))
-            after = _readings(reg)
-            scrape = await _scrape(running.http_port)
-        print(f"DRIFT-PSI {json.dumps({'before_shift': before, 'after_shift': after}, sort_keys=True)}")
-        yield Run(s, reg, scrape, [], [], {"before": before, "after": after, "shadow_phase1": shadow1,
-                                           "yes_phase1": yes1, "root": root})
-    finally:
-        await drop_database(infra, db)
+    async with fresh_database(infra) as db:
+        s = make_settings(infra, db, **{
+            "models.heads_dir": root / "live", "models.shadow_heads_dir": root / "candidate",
+            "questions_file": root / "live" / "questions.yaml", "drift.window": WINDOW, "drift.min_answers": WINDOW,
+        })
+        yield await _drift_phases(s, phase1, phase2, root)
+
+
+async def _drift_phases(s: Settings, phase1: list[dict[str, Any]], phase2: list[dict[str, Any]], root: Path) -> Run:
+    await create_topics(s)
+    async with running_service(s) as running:
+        reg = running.metrics.registry
+        await produce(s, phase1)
+        await _classified(running, len(phase1))
+        before, shadow1 = _readings(reg), _shadow(reg)
+        yes1 = {q: metric(reg, "flexor_answers_total", {"question_id": q, "answer": "yes", "decided_by": "few-shot"})
+                for q in QUESTIONS}
+        await produce(s, phase2)
+        await _classified(running, len(phase1) + len(phase2))
+        after = _readings(reg)
+        scrape = await _scrape(running.http_port)
+    print(f"DRIFT-PSI {json.dumps({'before_shift': before, 'after_shift': after}, sort_keys=True)}")
+    return Run(s, reg, scrape, [], [], {"before": before, "after": after, "shadow_phase1": shadow1,
+                                        "yes_phase1": yes1, "root": root})
 
 
 @pytest.mark.slow
