@@ -47,6 +47,8 @@ def run_monitoring(args: argparse.Namespace) -> int:
     path = write_json(args.report, result)
     for name, ratio in result["ratios"].items():
         print(f"{name}: throughput {ratio['throughput']:.3f} x base, p95 latency {ratio['p95_ms']:.3f} x base")
+    for name, checks in result["check_seconds_over_classify_seconds"].items():
+        print(f"{name}: " + ", ".join(f"{c} {v:.3f} x classify time per batch" for c, v in checks.items()))
     print(f"-> {path}")
     return 0
 
@@ -64,6 +66,16 @@ async def _fresh_database(admin_url: str) -> str:
 def _sum(registry: Any, family: str, **labels: str) -> float:
     return sum(s.value for m in registry.collect() if m.name == family for s in m.samples
                if s.name == f"{family}_total" and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def _stage_means(registry: Any) -> dict[str, float]:
+    """Mean seconds per batch of each stage. Within one run, the shadow and audit times against
+    `classify` measure their cost without the noise between runs on a shared machine."""
+    sums = {s.labels["stage"]: s.value for m in registry.collect() if m.name == "flexor_stage_seconds"
+            for s in m.samples if s.name == "flexor_stage_seconds_sum"}
+    counts = {s.labels["stage"]: s.value for m in registry.collect() if m.name == "flexor_stage_seconds"
+              for s in m.samples if s.name == "flexor_stage_seconds_count"}
+    return {stage: sums[stage] / counts[stage] for stage in sorted(sums) if counts.get(stage)}
 
 
 async def _compare(stack: Any, args: argparse.Namespace, events: list[dict[str, Any]]) -> dict[str, Any]:
@@ -89,6 +101,7 @@ async def _compare(stack: Any, args: argparse.Namespace, events: list[dict[str, 
             "shadow_answers": shadowed,
             "shadow_agreement": agreed[1] / shadowed if shadowed else None,
             "llm_routed_answers": _sum(registry, "flexor_result_cache"),
+            "seconds_per_batch": _stage_means(registry),
         })
         runs[name].append(measured)
         print(f"{name}: {measured['conversations_per_s']:.1f} conv/s, p95 {measured['p95_ms']:.0f} ms "
@@ -96,12 +109,18 @@ async def _compare(stack: Any, args: argparse.Namespace, events: list[dict[str, 
     medians = {name: {k: statistics.median(r[k] for r in rs) for k in ("conversations_per_s", "p50_ms", "p95_ms")}
                for name, rs in runs.items()}
     base = medians["base"]
+    # Within-run cost: seconds of each check per batch, over seconds of classifying a batch.
+    within = {name: {check: statistics.median(r["seconds_per_batch"][check] / r["seconds_per_batch"]["classify"]
+                                              for r in rs)
+                     for check in ("shadow", "audit") if all(check in r["seconds_per_batch"] for r in rs)}
+              for name, rs in runs.items()}
     return {
         "runs": runs,
         "medians": medians,
         "ratios": {name: {"throughput": m["conversations_per_s"] / base["conversations_per_s"],
                           "p95_ms": m["p95_ms"] / base["p95_ms"]}
                    for name, m in medians.items() if name != "base"},
+        "check_seconds_over_classify_seconds": {name: v for name, v in within.items() if v},
         "settings": {"engine": args.engine, "audit_rate": args.audit_rate, "rounds": args.rounds,
                      "heads": Path(args.heads).name if args.heads else None,
                      "shadow_heads": Path(args.shadow_heads).name, "order": order},
