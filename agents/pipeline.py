@@ -86,12 +86,20 @@ class Pipeline:
     ) -> list[Stage1Result]:
         return [self.cascade.stage1(q, [embedded[i] for i in idx]) for q, idx in plan]
 
+    async def embed(self, convs: Sequence[Conversation]) -> list[EmbeddedConversation]:
+        """Chunk and embed, in the worker: the model work of a batch, which a caller that retries
+        may keep (`embedded=` below)."""
+        return await self._in_worker(self._embed_conversations, convs)
+
     async def classify(
         self,
         convs: Sequence[Conversation],
         questions: QuestionSet,
         timer: StageTimer | None = None,
+        embedded: Sequence[EmbeddedConversation] | None = None,
     ) -> BatchResult:
+        """`embedded`: the conversations' `embed()` results from an earlier attempt, if kept."""
+
         def lap(stage: str, since: float) -> float:
             now = time.perf_counter()
             if timer is not None:
@@ -99,8 +107,10 @@ class Pipeline:
             return now
 
         t = time.perf_counter()
-        embedded = await self._in_worker(self._embed_conversations, convs)
-        t = lap("embed", t)
+        if embedded is None:
+            embedded = await self.embed(convs)
+            t = lap("embed", t)
+        embedded = list(embedded)
         await self.store.upsert(embedded, self.embedder.model_id)
         t = lap("store", t)
 

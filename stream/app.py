@@ -90,8 +90,7 @@ async def run_service(
     pool = await open_database(dsn, where=redact_url(dsn))
     try:
         if create_topics:
-            t = settings.topics
-            await ensure_topics(settings.kafka, [t.input, t.output, t.dlq], t.partitions)
+            await ensure_topics(settings.kafka, settings.topics)
         pipeline, models, llm = await build_pipeline(settings, metrics, pool)
         cascade = pipeline.cascade
         monitor = await asyncio.to_thread(
@@ -99,13 +98,14 @@ async def run_service(
         )
         service = Service(settings, pipeline, questions, pool, metrics, models, monitor)
 
-        app = make_app(registry, lambda: {"kafka": service.kafka_ok, "postgres": service.postgres_ok})
+        app = make_app(registry, service.readiness)
         runner, port = await start_http(app, settings.metrics_host, settings.metrics_port)
         loop = asyncio.get_running_loop()
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, service.stop)
-            loop.add_signal_handler(signal.SIGHUP, questions.reload)
+            # The reload reads and parses a file: off the event loop.
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, questions.reload))
         log.info("service starting: metrics on http://%s:%d/metrics", settings.metrics_host, port)
         try:
             if on_running is not None:

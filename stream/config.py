@@ -76,6 +76,11 @@ class BatchConfig(BaseModel):
     max_wait_ms: int = Field(default=200, ge=1)
     # Records fetched but not yet committed; above it the consumer pauses its partitions.
     max_in_flight: int = Field(default=512, ge=1)
+    # Records whose classification raises go to the DLQ (`processing_error`), unless more than
+    # this share of the last `poison_window` classified records did: then the service stops, since
+    # a bad deploy must not drain the topic into the DLQ (`stream.poison`). 0 stops on the first.
+    max_poison_ratio: float = Field(default=0.05, ge=0.0, le=1.0)
+    poison_window: int = Field(default=200, ge=1)
 
 
 class LimitsConfig(BaseModel):
@@ -260,6 +265,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "FLEXOR_BATCH__MAX_WAIT_MS": str(settings.batch.max_wait_ms),
         "FLEXOR_BATCH__MAX_EVENTS": str(settings.batch.max_events),
         "FLEXOR_BATCH__MAX_IN_FLIGHT": str(settings.batch.max_in_flight),
+        "FLEXOR_BATCH__MAX_POISON_RATIO": str(settings.batch.max_poison_ratio),
+        "FLEXOR_BATCH__POISON_WINDOW": str(settings.batch.poison_window),
     }
     if settings.kafka.transactional_id:
         env["FLEXOR_KAFKA__TRANSACTIONAL_ID"] = settings.kafka.transactional_id
