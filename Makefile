@@ -9,9 +9,19 @@ STAMP := $(VENV)/.installed
 # or AMX, which crash these CPUs): nothing compiles, and it installs in seconds.
 XLLAMACPP_VERSION := 2026.10.11549
 
-.PHONY: install demo test lint faults bench clean
+.PHONY: install promtool demo test lint faults bench clean
 
-install: $(STAMP)
+install: $(STAMP) promtool
+
+# promtool checks the alert rules, their unit tests, the Prometheus config and a live /metrics
+# scrape in `make test`. It comes with Debian's `prometheus` package: installed where this runs as
+# root on Debian; elsewhere those tests skip and say why.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      prometheus >/dev/null; } || echo "could not install Debian's prometheus package: the promtool tests will skip"; \
+	  else echo "promtool needs Debian's prometheus package (root: apt-get install prometheus): its tests will skip"; fi; }
 
 # Re-runs only when the project's dependency list changes. torch comes first and
 # pinned, so pip takes the local CPU build instead of CUDA wheels.

@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,6 +32,9 @@ StageTimer = Callable[[str, float], None]
 class BatchResult:
     answers: list[list[Answer]]  # aligned with the input conversations
     embedded: list[EmbeddedConversation]
+    # Per question: the indices of the conversations it applied to and stage 1's scores for them
+    # (before the LLM), for the monitors (`agents.monitor`).
+    stage1: list[tuple[Question, list[int], Stage1Result]] = field(default_factory=list)
 
 
 def embed_conversations(
@@ -214,4 +217,4 @@ class Pipeline:
         for (q, idx), (_, _, ev), ds in zip(plan, per_question, decisions, strict=True):
             for i, e, d in zip(idx, ev, ds, strict=True):
                 answers[i].append(Answer(q.id, q.version, d.answer, d.p_yes, d.decided_by, tuple(e)))
-        return BatchResult(answers, embedded)
+        return BatchResult(answers, embedded, [(q, idx, s1) for (q, idx), s1 in zip(plan, stage1, strict=True)])

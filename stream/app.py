@@ -24,6 +24,7 @@ from stream.config import Settings, redact_url
 from stream.http import make_app, start_http
 from stream.kafka import ensure_topics
 from stream.metrics import Metrics
+from stream.monitoring import build_monitor
 from stream.service import Service
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,11 @@ async def run_service(
         if create_topics:
             await ensure_topics(settings.kafka, settings.topics)
         pipeline, models, llm = await build_pipeline(settings, metrics, pool)
-        service = Service(settings, pipeline, questions, pool, metrics, models)
+        cascade = pipeline.cascade
+        monitor = await asyncio.to_thread(
+            build_monitor, settings, metrics, pipeline.embedder, cascade.zero_shot, cascade.heads, llm, pool
+        )
+        service = Service(settings, pipeline, questions, pool, metrics, models, monitor)
 
         app = make_app(registry, service.readiness)
         runner, port = await start_http(app, settings.metrics_host, settings.metrics_port)

@@ -200,6 +200,8 @@ COMMANDS = {
     "dlq": ("Dead letters: `summary` (counts by reason), `replay` (back to the input topic, once each).", cmd_dlq),
     "train": ("Train per-question heads from labelled conversations.", "agents.learn.train"),
     "eval": ("Evaluate the pipeline on labelled conversations and write a report.", "agents.learn.evaluate"),
+    "heads": ("Compare two sets of heads offline: heads diff LIVE CANDIDATE --conversations ...",
+              "stream.dev.heads_diff"),
     "bench": ("Benchmarks: --e2e (service vs embed-only, reuse on vs off), --compare (baseline vs cascade), --load,"
               " --llm-throughput.", "stream.bench"),
 }

@@ -104,6 +104,38 @@ class ModelsConfig(BaseModel):
     # The ONNX embedders run on the CPU in their own precision.
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # Share of events whose confident stage-1 answers the LLM also answers (agents/audit.py);
+    # None = 0.01 with an LLM, else 0.
+    llm_audit_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+    # Candidate heads scored beside the live ones, never published (agents/shadow.py).
+    shadow_heads_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _audit_needs_llm(self) -> ModelsConfig:
+        if self.llm_audit_rate and not self.llm:
+            raise ValueError("llm_audit_rate needs an LLM to audit with: set models.llm, or the rate to 0")
+        return self
+
+    @property
+    def audit_rate(self) -> float:
+        if self.llm_audit_rate is not None:
+            return self.llm_audit_rate
+        return 0.01 if self.llm else 0.0
+
+
+class DriftConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Answers per question in the sliding window compared with the heads' training data.
+    window: int = Field(default=1000, ge=10)
+    # PSI is reported once the window holds this many answers (a small window is mostly noise).
+    min_answers: int = Field(default=200, ge=1)
+
+    @model_validator(mode="after")
+    def _min_within_window(self) -> DriftConfig:
+        if self.min_answers > self.window:
+            raise ValueError("min_answers cannot exceed window")
+        return self
 
 
 class Settings(BaseSettings):
@@ -118,6 +150,7 @@ class Settings(BaseSettings):
     batch: BatchConfig = BatchConfig()
     limits: LimitsConfig = LimitsConfig()
     models: ModelsConfig = ModelsConfig()
+    drift: DriftConfig = DriftConfig()
     questions_file: Path = EXAMPLE_QUESTIONS
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"

@@ -31,7 +31,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
 from aiokafka.structs import TopicPartition
 
-from agents.pipeline import Pipeline
+from agents.monitor import Monitor
+from agents.pipeline import BatchResult, Pipeline
 from agents.questions import QuestionRegistry, QuestionSet
 from agents.store.classifications import ClassificationsTable
 from agents.types import Answer, Conversation, EmbeddedConversation
@@ -82,6 +83,9 @@ class BatchWork:
     embedded: dict[int, EmbeddedConversation] = field(default_factory=dict)  # by index into todo
     events: list[tuple[Fetched, dict[str, Any]]] = field(default_factory=list)
     progress: Progress = field(default_factory=Progress)
+    # Each classified group of `todo` indices and its pipeline result, for the answer monitors
+    # (keyed by the group, so a retried classification replaces its results).
+    classified: dict[tuple[int, ...], BatchResult] = field(default_factory=dict)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -105,6 +109,7 @@ class Service:
         pool: asyncpg.Pool,
         metrics: Metrics,
         models: dict[str, str],
+        monitor: Monitor | None = None,
     ) -> None:
         self.settings = settings
         self.pipeline = pipeline
@@ -112,6 +117,7 @@ class Service:
         self.pool = pool
         self.metrics = metrics
         self.models = models
+        self.monitor = monitor
         self.results = ClassificationsTable(pool)
         self.tracker = OffsetTracker()
         self.intake = Intake(settings, self.tracker, metrics)
@@ -193,6 +199,8 @@ class Service:
             try:
                 await self._run_tasks()
             finally:
+                if self.monitor is not None:
+                    await self.monitor.drain(timeout=30)
                 try:
                     await self.delivery.commit()  # the rebalance listener is not called on stop()
                 except Exception as e:
@@ -340,6 +348,10 @@ class Service:
                 "deliver", lambda: self.delivery.deliver(batch, work.invalid, events, qset.version, work.progress)
             )
         self.health.up("postgres")
+        if self.monitor is not None:
+            for idx, result in work.classified.items():
+                todo = [work.todo[i] for i in idx]
+                await self.monitor.submit([t.event_id for t in todo], [t.conv for t in todo], result, qset)
 
         for _, ev in events:
             for a in ev["answers"]:
@@ -350,6 +362,7 @@ class Service:
     async def _classify(self, work: BatchWork) -> list[tuple[Fetched, dict[str, Any]]]:
         """Classify the batch's new revisions, isolating records whose classification raises."""
         todo = work.todo
+        work.classified.clear()  # a retried classification starts over
         t0 = time.perf_counter()
         found = await isolate(len(todo), lambda idx: self._answers(work, idx), self.poison)
         self.metrics.stage_seconds.labels("classify").observe(time.perf_counter() - t0)
@@ -382,6 +395,7 @@ class Service:
             [work.todo[i].conv for i in idx], work.qset,
             timer=self._stage_timed, embedded=[work.embedded[i] for i in idx],
         )
+        work.classified[tuple(idx)] = result
         return result.answers
 
     def _stage_timed(self, stage: str, seconds: float) -> None:

@@ -3,7 +3,8 @@
 --e2e      the service on the embedded broker + Postgres vs chunking + embedding alone, on the
            same conversations; latency at a produce rate of half the measured throughput; the
            same replay with embedding reuse off; with --revisions, growing chats reuse on vs off
-           (stream.bench.e2e).
+           (stream.bench.e2e). With --monitoring: the same service with and without audit
+           sampling and shadow heads, side by side (stream.bench.monitoring).
 --compare  the seed baseline (whole conversation, two LLM calls per question) vs the cascade,
            on the same engine and conversations (stream.bench.compare).
 --load     fixed-rate load for a duration: throughput, latency, lag and RSS over time
@@ -49,13 +50,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--e2e: also stream each conversation as a growing chat (open revisions, then closed)")
     p.add_argument("--realtime", default=None,
                    help="--e2e: question ids (comma-separated, or 'all') answered on open revisions too")
-    p.add_argument("--engine", default="hf-tiny", help="LLM engine spec for --compare and --llm-throughput")
+    p.add_argument("--engine", default="hf-tiny",
+                   help="LLM engine spec for --compare, --llm-throughput and --e2e --monitoring")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N for the torch embedder and hf engines")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="dtype of the torch embedder and hf engines")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256],
                    help="--llm-throughput: engine batch sizes")
     p.add_argument("--prompts", type=int, default=256, help="--llm-throughput: prompts per batch size")
+    p.add_argument("--monitoring", action="store_true",
+                   help="--e2e: measure the cost of audit sampling and shadow heads against the same run without")
+    p.add_argument("--audit-rate", type=float, default=0.01, help="--monitoring: audit rate of the audited variants")
+    p.add_argument("--shadow-heads", type=Path, default=None, help="--monitoring: candidate heads directory")
+    p.add_argument("--rounds", type=int, default=2, help="--monitoring: rounds of the four variants")
     p.add_argument("--limit", type=int, default=500, help="conversations to use")
     p.add_argument("--rate", type=float, default=None, help="--load: events per second")
     p.add_argument("--duration", type=float, default=600.0, help="--load: seconds of load")
@@ -80,6 +87,10 @@ def write_json(report: Path, data: dict[str, Any]) -> Path:
 def run(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise ValueError("--limit must be at least 1")
+    if args.monitoring and not args.e2e:
+        raise ValueError("--monitoring goes with --e2e")
+    if args.rounds < 1:
+        raise ValueError("--rounds must be at least 1")
     if args.compare:
         from stream.bench.compare import run_compare
 
@@ -92,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
         from stream.bench.llm_throughput import run_llm_throughput
 
         return run_llm_throughput(args)
+    if args.monitoring:
+        from stream.bench.monitoring import run_monitoring
+
+        return run_monitoring(args)
     from stream.bench.e2e import run_e2e
 
     return run_e2e(args)

@@ -172,14 +172,11 @@ class Run:
 
 
 @asynccontextmanager
-async def service_run(stack: Any, name: str, questions: Any, **overrides: Any) -> AsyncIterator[Run]:
-    """A fresh service (own database, topics and group) in this event loop, with a watcher and a producer."""
+async def running_on(settings: Settings) -> AsyncIterator[Run]:
+    """The service on `settings` in this event loop, with a watcher and a producer."""
     from stream.app import Running, run_service
 
-    database = await fresh_database(stack.postgres.url, name)
-    settings = embedded_settings(stack, name, questions, database_url=database, **overrides)
-    t = settings.topics
-    await ensure_topics(settings.kafka, t)
+    await ensure_topics(settings.kafka, settings.topics)
     started: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
     service = asyncio.create_task(run_service(settings, on_running=started.set_result, install_signals=False))
     done, _ = await asyncio.wait({started, service}, return_when=asyncio.FIRST_COMPLETED)
@@ -201,6 +198,38 @@ async def service_run(stack: Any, name: str, questions: Any, **overrides: Any) -
         await watcher.stop()
         running.service.stop()
         await asyncio.gather(service, return_exceptions=True)
+
+
+@asynccontextmanager
+async def service_run(stack: Any, name: str, questions: Any, **overrides: Any) -> AsyncIterator[Run]:
+    """A fresh service (own database, topics and group), as `running_on`."""
+    database = await fresh_database(stack.postgres.url, name)
+    async with running_on(embedded_settings(stack, name, questions, database_url=database, **overrides)) as run:
+        yield run
+
+
+async def measure_service(
+    settings: Settings, events: list[dict[str, Any]], latency_rate: float | None = None
+) -> tuple[dict[str, Any], Any]:
+    """The service on `settings`: throughput with every event produced at once, then latency on
+    new revisions produced at `latency_rate` (default: half the measured throughput). Returns the
+    measures and the service's metrics registry."""
+    async with running_on(settings) as run:
+        throughput = len(events) / await run.burst(events, keys_of(events))
+        rate = latency_rate or throughput / 2
+        second = [dict(e, revision=e["revision"] + 1, event_id=f"{e['event_id']}:r2") for e in events]
+        sent = await produce_events(run.producer, settings.topics.input, second, rate=rate)
+        keys2 = [(e["conversation_id"], e["revision"]) for e in second]
+        await run.watcher.wait_for(set(keys2), 1800)
+        lat = np.array([(run.watcher.arrived[k] - s) * 1000 for k, s in zip(keys2, sent, strict=True)])
+    return {
+        "conversations_per_s": throughput,
+        "latency_rate": rate,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p95_ms": float(np.percentile(lat, 95)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "n": len(events),
+    }, run.running.metrics.registry
 
 
 def keys_of(events: list[dict[str, Any]]) -> set[Key]:

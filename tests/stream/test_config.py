@@ -390,3 +390,30 @@ def test_cli_produce_missing_file_is_one_line(tmp_path: Path) -> None:
     r = run_cli("produce", str(tmp_path / "missing.jsonl"), "--bootstrap-servers", "127.0.0.1:1")
     assert r.returncode != 0
     assert "missing.jsonl" in one_line(r.stderr)
+
+
+# -- the answer monitors ------------------------------------------------------------------------------
+
+
+def test_audit_rate_defaults_to_one_percent_with_an_llm_only() -> None:
+    assert load_settings().models.audit_rate == 0.0
+    assert load_settings(**{"models.llm": "hf-tiny"}).models.audit_rate == 0.01
+    assert load_settings(**{"models.llm": "hf-tiny", "models.llm_audit_rate": 0}).models.audit_rate == 0.0
+    assert load_settings(**{"models.llm": "hf-tiny", "models.llm_audit_rate": 0.2}).models.audit_rate == 0.2
+
+
+def test_audit_rate_without_an_llm_or_outside_0_1_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "models.llm" in config_error(**{"models.llm_audit_rate": 0.05})
+    monkeypatch.setenv("FLEXOR_MODELS__LLM_AUDIT_RATE", "1.5")
+    monkeypatch.setenv("FLEXOR_MODELS__LLM", "hf-tiny")
+    assert "models.llm_audit_rate" in config_error()
+
+
+def test_drift_window_must_hold_min_answers() -> None:
+    assert "min_answers" in config_error(**{"drift.window": 100, "drift.min_answers": 500})
+
+
+def test_cli_heads_diff_with_a_directory_that_is_not_heads(tmp_path: Path) -> None:
+    r = run_cli("heads", "diff", str(tmp_path), "none", "--conversations", str(tmp_path / "x.jsonl"))
+    assert r.returncode == 2
+    assert "manifest.json" in one_line(r.stderr)
