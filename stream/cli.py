@@ -163,9 +163,15 @@ COMMANDS = {
     "migrate": ("Apply pending database migrations.", cmd_migrate),
     "produce": ("Replay a JSONL(.gz) file of conversations into the input topic.", cmd_produce),
     "tail": ("Print classification events from the output topic.", cmd_tail),
-    "train": ("Train per-question heads from labelled conversations.", "agents.learn.train"),
+    "labels": ("Import a file of labels into the labels table (flexor labels import FILE).",
+               "agents.learn.labels_import"),
+    "label": ("Ask a teacher (an LLM, or gold:FILE) to label stored conversations for one question.",
+              "agents.learn.label"),
+    "train": ("Train per-question heads from labelled conversations or from the labels table.",
+              "agents.learn.train"),
     "eval": ("Evaluate the pipeline on labelled conversations and write a report.", "agents.learn.evaluate"),
-    "bench": ("Benchmarks: --e2e (service vs embed-only), --compare (baseline vs cascade), --load.", "stream.bench"),
+    "bench": ("Benchmarks: --e2e (service vs embed-only), --compare (baseline vs cascade), --load, --learn.",
+              "stream.bench"),
 }
 
 
@@ -231,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         target = args._target
         if isinstance(target, str):
+            # Tools under agents/ may not import stream: they get the settings through args.
+            args.settings = lambda: _settings(args)
             _, run = _delegate(target)
             code = run(args)  # type: ignore[operator]
         else:
