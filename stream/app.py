@@ -21,6 +21,7 @@ from agents.store.chunks import PgEvidenceStore
 from agents.store.migrate import migrate
 from models.embedder import Embedder, load_embedder
 from stream.config import Settings
+from stream.feedback import FeedbackConsumer
 from stream.http import make_app, start_http
 from stream.kafka import ensure_topics
 from stream.metrics import Metrics
@@ -61,6 +62,19 @@ def load_llm(settings: Settings, metrics: Metrics, pool: asyncpg.Pool | None = N
     )
 
 
+async def _run_with_feedback(service: Service, feedback: FeedbackConsumer) -> None:
+    """The service with the feedback consumer beside it; either one failing stops both."""
+    task = asyncio.create_task(feedback.run(), name="feedback")
+    task.add_done_callback(lambda t: service.stop() if not t.cancelled() and t.exception() else None)
+    try:
+        await service.run()
+    finally:
+        feedback.stop()
+        await asyncio.wait({task})
+    if task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]
+
+
 async def run_service(
     settings: Settings,
     *,
@@ -82,7 +96,7 @@ async def run_service(
     try:
         if create_topics:
             t = settings.topics
-            await ensure_topics(settings.kafka, [t.input, t.output, t.dlq], t.partitions)
+            await ensure_topics(settings.kafka, [t.input, t.output, t.dlq, t.feedback], t.partitions)
         embedder = await asyncio.to_thread(load_embedder, settings.models.embedder)
         heads, heads_version = await asyncio.to_thread(load_heads, settings, embedder)
         llm = await asyncio.to_thread(load_llm, settings, metrics, pool)
@@ -104,7 +118,7 @@ async def run_service(
                 result = on_running(Running(service, metrics, port))
                 if asyncio.iscoroutine(result):
                     await result
-            await service.run()
+            await _run_with_feedback(service, FeedbackConsumer(settings, pool, metrics))
         finally:
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -39,7 +39,7 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what:
 
 async def create_topics(settings: Settings) -> None:
     t = settings.topics
-    await ensure_topics(settings.kafka, [t.input, t.output, t.dlq], t.partitions)
+    await ensure_topics(settings.kafka, [t.input, t.output, t.dlq, t.feedback], t.partitions)
 
 
 @asynccontextmanager

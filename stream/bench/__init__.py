@@ -87,6 +87,7 @@ def embedded_settings(stack: Any, name: str, questions: Path | None, **extra: An
             "topics.input": f"{name}-in-{suffix}",
             "topics.output": f"{name}-out-{suffix}",
             "topics.dlq": f"{name}-dlq-{suffix}",
+            "topics.feedback": f"{name}-feedback-{suffix}",
             "group_id": f"{name}-{suffix}",
             "questions_file": questions or EXAMPLES / "questions.yaml",
             "metrics_port": 0,
