@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.chunking import Turn
+from agents.learn.labels_import import LabelFileError
 from agents.questions import QuestionSet, load_questions
 from agents.types import Conversation, EmbeddedConversation
 
@@ -117,7 +118,8 @@ def read_questions_file(path: str | Path) -> tuple[QuestionSet, str, dict[str, s
         raise DataFormatError(f"questions file {path} does not exist") from None
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise DataFormatError(
-            f"questions file {path} is neither questions.yaml nor the research questions.json ({e!r})"
+            f"questions file {path} is neither questions.yaml nor the research questions.json "
+            f"({type(e).__name__}: {e})"
         ) from None
     return question_set(research), RESEARCH, {q.question_id: q.dataset for q in research}
 
@@ -207,10 +209,19 @@ def read_labelled(
         raise DataFormatError(f"questions file {questions} is {q_fmt} format but the conversations are {fmt} "
                               f"format: use {want}")
     if fmt == RESEARCH:
-        return _read_research(conversations, questions, answers, split, limit, qset, groups)
-    convs = [c for p in conversations for c in read_service_conversations(p, limit, split)]
-    gold, notes = match_labels(answers, convs, qset)
-    return LabelledSet(convs, qset, gold, SERVICE, groups, notes=notes)
+        data = _read_research(conversations, questions, answers, split, limit, qset, groups)
+    else:
+        convs = [c for p in conversations for c in read_service_conversations(p, limit, split)]
+        try:
+            gold, notes = match_labels(answers, convs, qset)
+        except LabelFileError as e:
+            line, reason = e.errors[0]
+            raise DataFormatError(f"answers file {answers}:{line}: {reason}") from None
+        data = LabelledSet(convs, qset, gold, SERVICE, groups, notes=notes)
+    if data.conversations and not data.gold:
+        raise DataFormatError(f"answers file {answers}: no answer matches a conversation of split {split} and a "
+                              "question that applies to it")
+    return data
 
 
 def _read_research(
@@ -240,7 +251,7 @@ def match_labels(
     rows left out. A row matches a conversation by id, and by tenant and revision when it names
     them; a row naming another question version than the questions file is left out, and so is a
     pair the question does not apply to."""
-    from agents.learn.labels_import import LabelFileError, read_label_rows
+    from agents.learn.labels_import import read_label_rows
 
     by_id: dict[str, list[int]] = {}
     for i, c in enumerate(convs):
