@@ -77,7 +77,7 @@ async def load_labelled(
         if i is None:
             skipped["conversation not stored"] += 1
         elif embedded[i].conversation.revision != lab.revision:
-            skipped["another revision than the stored one"] += 1
+            skipped["another revision"] += 1
         elif not qs[lab.question_id].applies(embedded[i].conversation.metadata):
             skipped["question does not apply"] += 1
         else:

@@ -1,0 +1,72 @@
+"""Which conversations a teacher labels next: `uncertainty` or `random` (the control).
+
+`uncertainty` is diverse mini-batch active learning (Zhdanov 2019, "Diverse mini-batch Active
+Learning", arXiv:1901.05954): keep the PREFILTER x n candidates whose stage-1 p_yes lies
+closest to the question's decision threshold, cluster them into n groups with k-means on their
+conversation vectors (each weighted by how uncertain it is), and take from every group the
+member closest to the threshold. Near-duplicates fall into one group, so a batch is not spent on
+n copies of one template while other kinds of uncertain conversation go unasked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from agents.types import EmbeddedConversation
+
+UNCERTAINTY = "uncertainty"
+RANDOM = "random"
+STRATEGIES = (UNCERTAINTY, RANDOM)
+PREFILTER = 10
+
+
+def conversation_vectors(convs: Sequence[EmbeddedConversation]) -> np.ndarray:
+    """One unit vector per conversation: the mean of its chunk vectors (zeros without chunks)."""
+    dim = next((c.vectors.shape[1] for c in convs if len(c.vectors)), 1)
+    out = np.zeros((len(convs), dim), np.float32)
+    for i, c in enumerate(convs):
+        if len(c.vectors):
+            v = c.vectors.mean(0)
+            out[i] = v / max(float(np.linalg.norm(v)), 1e-9)
+    return out
+
+
+def pick_random(n_candidates: int, n: int, seed: int) -> np.ndarray:
+    """n candidate indices, uniformly, fixed by `seed`."""
+    return np.sort(np.random.default_rng(seed).permutation(n_candidates)[:n])
+
+
+def uncertainty(p_yes: np.ndarray, threshold: float) -> np.ndarray:
+    """1 at the threshold, falling linearly to 0 at whichever end of [0, 1] is farther."""
+    room = max(threshold, 1.0 - threshold)
+    return 1.0 - np.abs(np.asarray(p_yes, np.float64) - threshold) / room
+
+
+def pick_uncertain(
+    p_yes: np.ndarray, threshold: float, vectors: np.ndarray, n: int, seed: int, prefilter: int = PREFILTER
+) -> np.ndarray:
+    """n candidate indices near the threshold, spread over k-means groups (module docstring)."""
+    from sklearn.cluster import KMeans
+
+    u = uncertainty(p_yes, threshold)
+    if n >= len(u):
+        return np.arange(len(u))
+    # Stable sort with index order breaking ties, so the choice depends only on the inputs.
+    short = np.argsort(-u, kind="stable")[: max(n, prefilter * n)]
+    if len(short) == n:
+        return np.sort(short)
+    groups = KMeans(n_clusters=n, n_init=3, random_state=seed).fit_predict(
+        vectors[short], sample_weight=np.maximum(u[short], 1e-6)
+    )
+    picked = []
+    for g in range(n):
+        members = short[groups == g]
+        if len(members):
+            picked.append(int(members[np.argmax(u[members])]))  # argmax: the first of equals
+    # k-means can leave a group empty when points coincide: fill up from the most uncertain.
+    taken = set(picked)
+    rest = [int(i) for i in short if int(i) not in taken]
+    picked += rest[: n - len(picked)]
+    return np.sort(np.asarray(picked, int))
