@@ -107,6 +107,15 @@ async def ask(
     return yes
 
 
+def _open(question: Question, teacher: Teacher, convs: Sequence[Conversation],
+          labelled: set[tuple[str, str, int]]) -> list[int]:
+    """Indices of `convs` the question applies to, without a label, that the teacher can answer."""
+    idx = [i for i, c in enumerate(convs) if question.applies(c.metadata)
+           and (c.tenant_id, c.conversation_id, c.revision) not in labelled]
+    ok = teacher.answerable(question, [convs[i] for i in idx])
+    return [i for i, good in zip(idx, ok, strict=True) if good]
+
+
 async def candidates(
     pool: Any, question: Question, teacher: Teacher, *, tenant_id: str | None = None
 ) -> list[Conversation]:
@@ -120,9 +129,7 @@ async def candidates(
     after = None
     while page := await table.scan(tenant_id=tenant_id, after=after):
         after = (page[-1].tenant_id, page[-1].conversation_id)
-        page = [c for c in page if question.applies(c.metadata)
-                and (c.tenant_id, c.conversation_id, c.revision) not in labelled]
-        out += [c for c, ok in zip(page, teacher.answerable(question, page), strict=True) if ok]
+        out += [page[i] for i in _open(question, teacher, page, labelled)]
     return out
 
 
@@ -139,9 +146,11 @@ async def label_question(
     batch: int = CONCURRENCY,
     seed: int = SEED,
     progress: bool = False,
+    loaded: Sequence[EmbeddedConversation] | None = None,
 ) -> LabelRun:
     """One `flexor label` run (see the module docstring); `cascade` and `embedder_id` are needed
-    for `uncertainty`."""
+    for `uncertainty`. `loaded`: the stored conversations (of `tenant_id`) already loaded with
+    their vectors, to choose among without reading them again (many questions and rounds)."""
     from agents.store.conversations import ConversationsTable
 
     t0 = time.perf_counter()
@@ -149,15 +158,24 @@ async def label_question(
     had = await table.count(question.id, question.version, source=teacher_source(teacher.model_id),
                             tenant_id=tenant_id)
     todo = max(0, budget - had)
-    cands = await candidates(pool, question, teacher, tenant_id=tenant_id) if todo else []
+    embedded: list[EmbeddedConversation] | None = None
+    if not todo:
+        cands: list[Conversation] = []
+    elif loaded is not None:
+        labelled = await table.labelled(question.id, question.version, tenant_id=tenant_id)
+        embedded = [loaded[i] for i in _open(question, teacher, [e.conversation for e in loaded], labelled)]
+        cands = [e.conversation for e in embedded]
+    else:
+        cands = await candidates(pool, question, teacher, tenant_id=tenant_id)
     n = min(todo, len(cands))
     chosen: list[Conversation] = []
     if n and strategy == UNCERTAINTY:
         if cascade is None or embedder_id is None:
             raise ValueError("the uncertainty strategy needs a cascade and the stored chunks' embedder id")
-        keys = [(c.tenant_id, c.conversation_id) for c in cands]
-        embedded = [e for s in range(0, len(keys), 1000)
-                    for e in await ConversationsTable(pool).load(keys[s : s + 1000], embedder_id)]
+        if embedded is None:
+            keys = [(c.tenant_id, c.conversation_id) for c in cands]
+            embedded = [e for s in range(0, len(keys), 1000)
+                        for e in await ConversationsTable(pool).load(keys[s : s + 1000], embedder_id)]
         p_yes, threshold = await asyncio.to_thread(stage1, cascade, question, embedded)
         chosen = [embedded[i].conversation for i in choose(strategy, n, seed, embedded, p_yes, threshold)]
     elif n:

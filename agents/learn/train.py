@@ -368,27 +368,35 @@ def _store_settings(args: argparse.Namespace) -> Any:
     return args.settings()
 
 
-async def _read_store(args: argparse.Namespace, questions: QuestionSet, embedder_id: str) -> tuple[Any, list[Any]]:
-    """(labelled set of the split, the split's stored conversations for the lexicon)."""
-    from agents.learn.stored import LEXICON_MAX, load_labelled, open_pool, stored_conversations
+async def read_store(
+    pool: Any, questions: QuestionSet, embedder_id: str, split: str, *, holdout: float = HOLDOUT,
+    tenant: str | None = None,
+) -> tuple[LabelledSet, list[Conversation]]:
+    """(labelled set of the split, the split's stored conversations to fit the lexicon on)."""
+    from agents.learn.stored import LEXICON_MAX, load_labelled, stored_conversations
 
-    settings = _store_settings(args)
-    pool = await open_pool(settings.database_url.get_secret_value())
-    try:
-        data = await load_labelled(pool, questions, embedder_id, args.split, holdout=args.holdout,
-                                   tenant_id=args.tenant)
-        text = await stored_conversations(pool, args.split, holdout=args.holdout, tenant_id=args.tenant,
-                                          limit=LEXICON_MAX)
-    finally:
-        await pool.close()
+    data = await load_labelled(pool, questions, embedder_id, split, holdout=holdout, tenant_id=tenant)
+    text = await stored_conversations(pool, split, holdout=holdout, tenant_id=tenant, limit=LEXICON_MAX)
     return data, text
 
 
 def read_training_data(args: argparse.Namespace, embedder_id: str) -> tuple[LabelledSet, list[Conversation], str]:
     """(labelled set, conversations to fit the lexicon on, where it came from) for the arguments."""
     if args.from_store:
-        questions = read_questions_file(args.questions or _store_settings(args).questions_file)[0]
-        data, text = asyncio.run(_read_store(args, questions, embedder_id))
+        from agents.learn.stored import open_pool
+
+        settings = _store_settings(args)
+        questions = read_questions_file(args.questions or settings.questions_file)[0]
+
+        async def go() -> tuple[LabelledSet, list[Conversation]]:
+            pool = await open_pool(settings.database_url.get_secret_value())
+            try:
+                return await read_store(pool, questions, embedder_id, args.split, holdout=args.holdout,
+                                        tenant=args.tenant)
+            finally:
+                await pool.close()
+
+        data, text = asyncio.run(go())
         return data, text, "store"
     check_data_arguments(args)
     data = read_labelled(args.conversations, args.questions, args.answers, args.split, args.limit)

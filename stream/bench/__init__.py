@@ -6,6 +6,8 @@
            on the same engine and conversations (stream.bench.compare).
 --load     fixed-rate load for a duration: throughput, latency, lag and RSS over time
            (stream.bench.load).
+--learn    the labelling loop: labels in rounds chosen by uncertainty vs at random, heads trained
+           from the store each round, against heads on every label (stream.bench.learn).
 Results are JSON in --report DIR (bench.json), plus Markdown and PNG where the mode has them.
 """
 
@@ -30,19 +32,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--e2e", action="store_true", help="service throughput vs embed-only, and latency")
     mode.add_argument("--compare", action="store_true", help="seed baseline vs cascade on one LLM engine")
     mode.add_argument("--load", action="store_true", help="fixed-rate load test with lag and memory over time")
+    mode.add_argument("--learn", action="store_true",
+                      help="labelling loop: uncertainty vs random label rounds, trained from the store each round")
     p.add_argument("--conversations", type=Path, nargs="+", default=[EXAMPLES / "conversations.jsonl"],
                    help="JSONL(.gz) conversations (conversation.v1 or the labelled-data format)")
     p.add_argument("--questions", type=Path, default=None, help="questions file (default: examples/questions.yaml)")
-    p.add_argument("--answers", type=Path, default=None, help="gold answers (--compare: for macro-F1)")
+    p.add_argument("--answers", type=Path, default=None,
+                   help="gold answers (--compare: for macro-F1; --learn: the teacher and the measure)")
     p.add_argument("--heads", type=Path, default=None, help="trained heads directory")
     p.add_argument("--engine", default="hf-tiny", help="LLM engine spec for --compare")
-    p.add_argument("--limit", type=int, default=500, help="conversations to use")
+    p.add_argument("--limit", type=int, default=None,
+                   help="conversations to use (default 500; --learn: per file, default all)")
     p.add_argument("--rate", type=float, default=None, help="--load: events per second")
     p.add_argument("--duration", type=float, default=600.0, help="--load: seconds of load")
     p.add_argument("--load-factor", type=float, default=0.8,
                    help="--load without --rate: rate as a fraction of the measured capacity (1.5 = overload)")
     p.add_argument("--drain", type=float, default=60.0,
                    help="--load: seconds after the load with nothing produced, to check nothing is lost")
+    p.add_argument("--rounds", default="20,40,70,100,150,200",
+                   help="--learn: labels per question after each round, comma-separated")
+    p.add_argument("--teacher", default=None, help="--learn: gold:FILE or an LLM engine spec (default: gold:ANSWERS)")
+    p.add_argument("--strategies", default="uncertainty,random", help="--learn: uncertainty and/or random")
+    p.add_argument("--only", nargs="+", default=None, help="--learn: only these question ids")
+    p.add_argument("--seed", type=int, default=13, help="--learn: seed of the random picks and k-means")
     p.add_argument("--report", type=Path, required=True, help="directory for bench.json (and .md / .png)")
 
 
@@ -58,8 +70,14 @@ def write_json(report: Path, data: dict[str, Any]) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.limit < 1:
+    if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be at least 1")
+    if args.learn:
+        from stream.bench.learn import run_learn
+
+        return run_learn(args)
+    if args.limit is None:
+        args.limit = 500
     if args.compare:
         from stream.bench.compare import run_compare
 
