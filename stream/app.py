@@ -16,11 +16,10 @@ from agents.pipeline import Pipeline
 from agents.questions import QuestionRegistry
 from agents.scoring import Stage1Scorer
 from agents.similarity import SimilarityScorer
-from agents.store import create_pool
+from agents.store import open_database
 from agents.store.chunks import PgEvidenceStore
-from agents.store.migrate import migrate
 from models.embedder import Embedder, load_embedder
-from stream.config import Settings
+from stream.config import Settings, redact_url
 from stream.feedback import FeedbackConsumer
 from stream.http import make_app, start_http
 from stream.kafka import ensure_topics
@@ -62,6 +61,20 @@ def load_llm(settings: Settings, metrics: Metrics, pool: asyncpg.Pool | None = N
     )
 
 
+async def build_pipeline(
+    settings: Settings, metrics: Metrics, pool: asyncpg.Pool
+) -> tuple[Pipeline, dict[str, str], LLMStage | None]:
+    """The pipeline and cascade the settings describe (models load in worker threads), the model
+    ids that go into every event, and the LLM stage (to close) if there is one."""
+    embedder = await asyncio.to_thread(load_embedder, settings.models.embedder)
+    heads, heads_version = await asyncio.to_thread(load_heads, settings, embedder)
+    llm = await asyncio.to_thread(load_llm, settings, metrics, pool)
+    cascade = Cascade(SimilarityScorer(embedder), heads, llm)
+    pipeline = Pipeline(embedder, PgEvidenceStore(pool), cascade)
+    models = {"embedder": embedder.model_id, "heads": heads_version, "llm": llm.model_id if llm else "none"}
+    return pipeline, models, llm
+
+
 async def _run_with_feedback(service: Service, feedback: FeedbackConsumer) -> None:
     """The service with the feedback consumer beside it; either one failing stops both."""
     task = asyncio.create_task(feedback.run(), name="feedback")
@@ -86,23 +99,13 @@ async def run_service(
     registry = registry or CollectorRegistry()
     metrics = Metrics(registry)
     questions = QuestionRegistry(settings.questions_file)
-    # Migrations first, on their own connection: the pool's connections need the vector type.
-    conn = await asyncpg.connect(settings.database_url.get_secret_value())
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    pool = await create_pool(settings.database_url.get_secret_value())
+    dsn = settings.database_url.get_secret_value()
+    pool = await open_database(dsn, where=redact_url(dsn))
     try:
         if create_topics:
             t = settings.topics
             await ensure_topics(settings.kafka, [t.input, t.output, t.dlq, t.feedback], t.partitions)
-        embedder = await asyncio.to_thread(load_embedder, settings.models.embedder)
-        heads, heads_version = await asyncio.to_thread(load_heads, settings, embedder)
-        llm = await asyncio.to_thread(load_llm, settings, metrics, pool)
-        cascade = Cascade(SimilarityScorer(embedder), heads, llm)
-        pipeline = Pipeline(embedder, PgEvidenceStore(pool), cascade)
-        models = {"embedder": embedder.model_id, "heads": heads_version, "llm": llm.model_id if llm else "none"}
+        pipeline, models, llm = await build_pipeline(settings, metrics, pool)
         service = Service(settings, pipeline, questions, pool, metrics, models)
 
         app = make_app(registry, lambda: {"kafka": service.kafka_ok, "postgres": service.postgres_ok})

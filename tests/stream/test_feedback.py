@@ -12,6 +12,7 @@ from agents.store import create_pool
 from agents.store.labels import Label, LabelsTable, teacher_source
 from stream.config import Settings
 from stream.feedback import feedback_group
+from stream.replay import replay
 from stream.kafka import connection_kwargs
 from tests.harness import metric, produce, read_topic, running_service, wait_until
 
@@ -88,6 +89,13 @@ async def test_feedback_becomes_human_labels_and_bad_feedback_goes_to_the_dlq(se
     headers = dict(dlq["invalid_fields"].headers)
     assert headers["source.topic"].decode() == settings.topics.feedback
     assert b"answer" in headers["error.message"]
+
+    # `flexor dlq replay` puts dead feedback back on the feedback topic, not on the input topic.
+    report = await replay(settings, reason="invalid_fields")
+    assert sum(report.replayed.values()) == 1
+    back = await read_topic(settings, settings.topics.feedback)
+    assert [r.value for r in back].count(produce_bytes(BAD["invalid_fields"])) == 2
+    assert await read_topic(settings, settings.topics.input) == []
 
 
 def produce_bytes(event: object) -> bytes:
