@@ -12,8 +12,8 @@ from agents.store import create_pool
 from agents.store.labels import Label, LabelsTable, teacher_source
 from stream.config import Settings
 from stream.feedback import feedback_group
-from stream.replay import replay
 from stream.kafka import connection_kwargs
+from stream.replay import replay
 from tests.harness import metric, produce, read_topic, running_service, wait_until
 
 
