@@ -272,7 +272,7 @@ def read_eval_data(args: argparse.Namespace, embedder: Embedder) -> tuple[Labell
         check_data_arguments(args)
         data = read_labelled(args.conversations, args.questions, args.answers, args.split, args.limit)
         return data, source_names(args.conversations)
-    from agents.learn.stored import load_labelled, open_pool
+    from agents.learn.stored import load_labelled, open_settings_pool
 
     if not hasattr(args, "settings"):
         raise ValueError("--from-store reads the database from the flexor settings: run `flexor eval --from-store`")
@@ -280,7 +280,7 @@ def read_eval_data(args: argparse.Namespace, embedder: Embedder) -> tuple[Labell
     questions = read_questions_file(args.questions or settings.questions_file)[0]
 
     async def go() -> LabelledSet:
-        pool = await open_pool(settings.database_url.get_secret_value())
+        pool = await open_settings_pool(settings)
         try:
             return await load_labelled(pool, questions, embedder.model_id, args.split, holdout=args.holdout,
                                        tenant_id=args.tenant)

@@ -224,7 +224,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from agents.learn.datasets import read_questions_file
     from agents.learn.evaluate import build_pipeline
-    from agents.learn.stored import open_pool
+    from agents.learn.stored import open_settings_pool
     from models.embedder import load_embedder
 
     if args.budget < 1 or args.concurrency < 1:
@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
         cascade, embedder_id = pipeline.cascade, embedder.model_id
 
     async def go() -> LabelRun:
-        pool = await open_pool(settings.database_url.get_secret_value(), max_size=2)
+        pool = await open_settings_pool(settings, max_size=2)
         try:
             return await label_question(
                 pool, question, teacher, args.budget, strategy=args.strategy, cascade=cascade,

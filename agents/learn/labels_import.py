@@ -234,13 +234,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agents.learn.stored import open_pool
+    from agents.learn.stored import open_settings_pool
 
     settings = args.settings()
     questions = read_question_set(args.questions or settings.questions_file)
 
     async def go() -> ImportResult:
-        pool = await open_pool(settings.database_url.get_secret_value(), max_size=2)
+        pool = await open_settings_pool(settings, max_size=2)
         try:
             return await import_labels(pool, args.file, questions, tenant=args.tenant, given_by=args.given_by)
         finally:

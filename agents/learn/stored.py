@@ -30,17 +30,18 @@ PAGE = 1000
 LEXICON_MAX = 50_000
 
 
-async def open_pool(dsn: str, max_size: int = 4) -> asyncpg.Pool:
-    """A pool on a database with every migration applied (the tools may be the first to touch it)."""
-    from agents.store import create_pool
-    from agents.store.migrate import migrate
+async def open_pool(dsn: str, max_size: int = 4, *, where: str = "the database") -> asyncpg.Pool:
+    """A pool on a database with every migration applied (the tools may be the first to touch it);
+    a failure is one line naming `where` (the URL without its password)."""
+    from agents.store import open_database
 
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    return await create_pool(dsn, max_size=max_size)
+    return await open_database(dsn, where=where, max_size=max_size)
+
+
+def open_settings_pool(settings: Any, max_size: int = 4) -> Any:
+    """`open_pool` on the configured database (`settings` is the flexor Settings)."""
+    return open_pool(settings.database_url.get_secret_value(), max_size,
+                     where=settings.redacted()["database_url"])
 
 
 async def load_labelled(

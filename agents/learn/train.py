@@ -383,13 +383,13 @@ async def read_store(
 def read_training_data(args: argparse.Namespace, embedder_id: str) -> tuple[LabelledSet, list[Conversation], str]:
     """(labelled set, conversations to fit the lexicon on, where it came from) for the arguments."""
     if args.from_store:
-        from agents.learn.stored import open_pool
+        from agents.learn.stored import open_settings_pool
 
         settings = _store_settings(args)
         questions = read_questions_file(args.questions or settings.questions_file)[0]
 
         async def go() -> tuple[LabelledSet, list[Conversation]]:
-            pool = await open_pool(settings.database_url.get_secret_value())
+            pool = await open_settings_pool(settings)
             try:
                 return await read_store(pool, questions, embedder_id, args.split, holdout=args.holdout,
                                         tenant=args.tenant)
