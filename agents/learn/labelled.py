@@ -182,7 +182,7 @@ def shared_data_dir(repo_root: str | Path | None = None) -> Path:
     env = os.environ.get("FLEXOR_SHARED_DATA")
     if env:
         return Path(env)
-    root = Path(repo_root) if repo_root else Path(__file__).resolve().parent.parent
+    root = Path(repo_root) if repo_root else Path(__file__).resolve().parents[2]  # agents/learn/ -> the repo
     return root.parent / "shared" / "data"
 
 
