@@ -35,6 +35,7 @@ from agents.learn.teacher import Teacher, TeacherCost, load_teacher
 from agents.questions import Question
 from agents.store.labels import Label, LabelsTable, teacher_source
 from agents.types import Conversation, EmbeddedConversation
+from models.llm.engine import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,13 @@ def run(args: argparse.Namespace) -> int:
             if close is not None:
                 close()
 
-    result = asyncio.run(go())
+    try:
+        result = asyncio.run(go())
+    except EngineError as e:
+        # Every batch before the failure is stored: the same command continues from there.
+        print(f"flexor label: error: the teacher failed ({str(e).splitlines()[0]}); the labels stored so far are "
+              "kept: rerun the same command to continue", file=sys.stderr)
+        return 1
     print(result.summary())
     if result.had + result.asked < args.budget:
         print(f"{args.question}: only {result.candidates} unlabelled stored conversations the teacher can answer: "
