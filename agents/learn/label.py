@@ -30,7 +30,15 @@ from typing import Any
 import numpy as np
 
 from agents.cascade import Cascade
-from agents.learn.select import RANDOM, STRATEGIES, UNCERTAINTY, conversation_vectors, pick_random, pick_uncertain
+from agents.learn.select import (
+    EXPLORE,
+    RANDOM,
+    STRATEGIES,
+    UNCERTAINTY,
+    conversation_vectors,
+    pick_random,
+    pick_uncertain,
+)
 from agents.learn.teacher import Teacher, TeacherCost, load_teacher
 from agents.questions import Question
 from agents.store.labels import Label, LabelsTable, teacher_source
@@ -75,12 +83,13 @@ def stage1(cascade: Cascade, question: Question, convs: Sequence[EmbeddedConvers
 def choose(
     strategy: str, n: int, seed: int, convs: Sequence[EmbeddedConversation] | None = None,
     p_yes: np.ndarray | None = None, threshold: float = 0.5, n_candidates: int | None = None,
+    explore: float = EXPLORE,
 ) -> np.ndarray:
     """Indices of the n candidates to ask (`random` needs only their number)."""
     if strategy == RANDOM:
         return pick_random(n_candidates if n_candidates is not None else len(convs or ()), n, seed)
     if strategy == UNCERTAINTY and convs is not None and p_yes is not None:
-        return pick_uncertain(p_yes, threshold, conversation_vectors(convs), n, seed)
+        return pick_uncertain(p_yes, threshold, conversation_vectors(convs), n, seed, explore=explore)
     raise ValueError(f"strategy {strategy!r} needs its candidates' vectors and p_yes (or use one of {STRATEGIES})")
 
 
@@ -148,6 +157,7 @@ async def label_question(
     seed: int = SEED,
     progress: bool = False,
     loaded: Sequence[EmbeddedConversation] | None = None,
+    explore: float = EXPLORE,
 ) -> LabelRun:
     """One `flexor label` run (see the module docstring); `cascade` and `embedder_id` are needed
     for `uncertainty`. `loaded`: the stored conversations (of `tenant_id`) already loaded with
@@ -178,7 +188,8 @@ async def label_question(
             embedded = [e for s in range(0, len(keys), 1000)
                         for e in await ConversationsTable(pool).load(keys[s : s + 1000], embedder_id)]
         p_yes, threshold = await asyncio.to_thread(stage1, cascade, question, embedded)
-        chosen = [embedded[i].conversation for i in choose(strategy, n, seed, embedded, p_yes, threshold)]
+        picks = choose(strategy, n, seed, embedded, p_yes, threshold, explore=explore)
+        chosen = [embedded[i].conversation for i in picks]
     elif n:
         chosen = [cands[i] for i in choose(strategy, n, seed, n_candidates=len(cands))]
     before = teacher.cost()
@@ -218,6 +229,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tenant", default=None, help="only this tenant's conversations")
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY,
                         help="pairs per teacher batch (in flight together; stored before the next)")
+    parser.add_argument("--explore", type=float, default=EXPLORE,
+                        help="uncertainty: share of the picks taken at random instead (0-1)")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--config", type=Path, help="YAML config file (environment variables override it)")
 
@@ -249,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
             return await label_question(
                 pool, question, teacher, args.budget, strategy=args.strategy, cascade=cascade,
                 embedder_id=embedder_id, tenant_id=args.tenant, batch=args.concurrency, seed=args.seed,
-                progress=sys.stderr.isatty(),
+                progress=sys.stderr.isatty(), explore=args.explore,
             )
         finally:
             await pool.close()

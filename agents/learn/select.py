@@ -20,6 +20,7 @@ UNCERTAINTY = "uncertainty"
 RANDOM = "random"
 STRATEGIES = (UNCERTAINTY, RANDOM)
 PREFILTER = 10
+EXPLORE = 0.0
 
 
 def conversation_vectors(convs: Sequence[EmbeddedConversation]) -> np.ndarray:
@@ -45,14 +46,24 @@ def uncertainty(p_yes: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def pick_uncertain(
-    p_yes: np.ndarray, threshold: float, vectors: np.ndarray, n: int, seed: int, prefilter: int = PREFILTER
+    p_yes: np.ndarray, threshold: float, vectors: np.ndarray, n: int, seed: int, prefilter: int = PREFILTER,
+    explore: float = EXPLORE,
 ) -> np.ndarray:
-    """n candidate indices near the threshold, spread over k-means groups (module docstring)."""
-    from sklearn.cluster import KMeans
-
+    """n candidate indices: `explore` of them at random, the rest near the threshold, spread over
+    k-means groups (module docstring)."""
     u = uncertainty(p_yes, threshold)
     if n >= len(u):
         return np.arange(len(u))
+    k = round(explore * n)
+    near = _near_threshold(u, vectors, n - k, seed, prefilter) if n - k else np.zeros(0, int)
+    rest = np.setdiff1d(np.arange(len(u)), near)
+    spread = rest[pick_random(len(rest), k, seed)] if k else np.zeros(0, int)
+    return np.sort(np.r_[near, spread].astype(int))
+
+
+def _near_threshold(u: np.ndarray, vectors: np.ndarray, n: int, seed: int, prefilter: int) -> np.ndarray:
+    from sklearn.cluster import KMeans
+
     # Stable sort with index order breaking ties, so the choice depends only on the inputs.
     short = np.argsort(-u, kind="stable")[: max(n, prefilter * n)]
     if len(short) == n:

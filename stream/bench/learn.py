@@ -39,7 +39,7 @@ from typing import Any
 import asyncpg
 
 from agents.learn.datasets import LabelledSet, read_labelled
-from agents.learn.select import STRATEGIES
+from agents.learn.select import EXPLORE, STRATEGIES
 from agents.learn.teacher import GOLD_PREFIX, Teacher, load_teacher
 from agents.questions import QuestionSet
 from agents.types import EmbeddedConversation
@@ -146,6 +146,7 @@ async def run_strategy(
     work: Path,
     seed: int,
     gold: dict[tuple[str, str], bool],
+    explore: float,
 ) -> dict[str, Any]:
     """The curve of one strategy, and what its teacher said against the gold answers."""
     from agents.learn.evaluate import build_pipeline
@@ -166,7 +167,8 @@ async def run_strategy(
             for q in questions.questions:
                 q = q.model_copy(update={"head": by_question.get(q.id)})
                 run = await label_question(pool, q, teacher, n, strategy=strategy, cascade=pipeline.cascade,
-                                           embedder_id=embedder.model_id, seed=seed + n, loaded=loaded)
+                                           embedder_id=embedder.model_id, seed=seed + n, loaded=loaded,
+                                           explore=explore)
                 calls += run.asked
                 yes += run.yes
             t_label = time.perf_counter() - t0
@@ -179,6 +181,10 @@ async def run_strategy(
             point = {"labels_per_question": n, "macro_f1": _macro_f1(report), "teacher_calls": calls,
                      "labelled_pairs": len(data.gold),
                      "per_question_f1": {q: e["f1"] for q, e in report["questions"].items()},
+                     "per_question": {q: {k: e[k] for k in ("n_yes", "n_pred_yes", "precision", "recall", "roc_auc")}
+                                      for q, e in report["questions"].items()},
+                     "labelled_yes": {q: sum(y for (qq, _), y in data.gold.items() if qq == q)
+                                      for q in questions.by_id()},
                      "seconds": {"label": round(t_label, 1), "train": round(t_train, 1),
                                  "eval": round(time.perf_counter() - t0 - t_label - t_train, 1)}}
             curve.append(point)
@@ -227,6 +233,7 @@ def learn(
     limit: int | None = None,
     only: Sequence[str] | None = None,
     seed: int = 13,
+    explore: float = EXPLORE,
     embedder_backend: str = "onnx-int8",
 ) -> dict[str, Any]:
     from agents.learn.embedcache import CachingEmbedder
@@ -280,7 +287,7 @@ def learn(
                 teacher = load_teacher(spec)
                 db = asyncio.run(_copy_database(pg.url, base, f"{base}_{strategy}"))
                 results[strategy] = asyncio.run(run_strategy(
-                    strategy, db, loaded, questions, teacher, rounds, eval_set, embedder, work, seed, gold))
+                    strategy, db, loaded, questions, teacher, rounds, eval_set, embedder, work, seed, gold, explore))
                 c = teacher.cost()
                 costs[strategy] = {"pairs": c.pairs, "calls": c.calls, "prompt_tokens": c.prompt_tokens,
                                    "generated_tokens": c.generated_tokens}
@@ -306,6 +313,7 @@ def learn(
             "questions": len(questions.questions),
             "curves": {s: [zero_point, *c] for s, c in curves.items()},
             "teacher": spec if not spec.startswith(GOLD_PREFIX) else f"{GOLD_PREFIX}{answers_name}",
+            "explore": explore,
             "teacher_cost": costs,
             "goals": _goals(full_f1, curves, len(pool_set.gold), len(questions.questions)),
             "per_question": {
@@ -414,6 +422,7 @@ def run_learn(args: argparse.Namespace) -> int:
         conversations=[Path(p) for p in args.conversations], questions_path=Path(args.questions),
         answers_path=Path(args.answers), report=Path(args.report), rounds=parse_rounds(args.rounds),
         teacher_spec=args.teacher, strategies=strategies, limit=args.limit, only=args.only, seed=args.seed,
+        explore=EXPLORE if args.explore is None else args.explore,
     )
     learn_ = result["learn"]
     last = {s: c[-1] for s, c in learn_["curves"].items()}
