@@ -31,7 +31,6 @@ import numpy as np
 
 from agents.cascade import Cascade
 from agents.learn.select import (
-    EXPLORE,
     RANDOM,
     STRATEGIES,
     UNCERTAINTY,
@@ -49,6 +48,9 @@ log = logging.getLogger(__name__)
 
 SEED = 13
 CONCURRENCY = 8
+# Share of uncertainty picks taken at random while the question lacks labels of one answer
+# (`agents.learn.select`: a cold start near a one-sided threshold keeps returning one answer).
+COLD_START_RANDOM = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +85,7 @@ def stage1(cascade: Cascade, question: Question, convs: Sequence[EmbeddedConvers
 def choose(
     strategy: str, n: int, seed: int, convs: Sequence[EmbeddedConversation] | None = None,
     p_yes: np.ndarray | None = None, threshold: float = 0.5, n_candidates: int | None = None,
-    explore: float = EXPLORE,
+    explore: float = 0.0,
 ) -> np.ndarray:
     """Indices of the n candidates to ask (`random` needs only their number)."""
     if strategy == RANDOM:
@@ -126,6 +128,14 @@ def _open(question: Question, teacher: Teacher, convs: Sequence[Conversation],
     return [i for i, good in zip(idx, ok, strict=True) if good]
 
 
+async def _cold(table: LabelsTable, question: Question, tenant_id: str | None) -> bool:
+    """Too few labels of either answer to train a head (`agents.learn.train.MIN_PER_CLASS`)."""
+    from agents.learn.train import MIN_PER_CLASS
+
+    counts = [await table.count(question.id, question.version, answer=a, tenant_id=tenant_id) for a in ("yes", "no")]
+    return min(counts) < MIN_PER_CLASS
+
+
 async def candidates(
     pool: Any, question: Question, teacher: Teacher, *, tenant_id: str | None = None
 ) -> list[Conversation]:
@@ -157,7 +167,6 @@ async def label_question(
     seed: int = SEED,
     progress: bool = False,
     loaded: Sequence[EmbeddedConversation] | None = None,
-    explore: float = EXPLORE,
 ) -> LabelRun:
     """One `flexor label` run (see the module docstring); `cascade` and `embedder_id` are needed
     for `uncertainty`. `loaded`: the stored conversations (of `tenant_id`) already loaded with
@@ -188,6 +197,7 @@ async def label_question(
             embedded = [e for s in range(0, len(keys), 1000)
                         for e in await ConversationsTable(pool).load(keys[s : s + 1000], embedder_id)]
         p_yes, threshold = await asyncio.to_thread(stage1, cascade, question, embedded)
+        explore = COLD_START_RANDOM if await _cold(table, question, tenant_id) else 0.0
         picks = choose(strategy, n, seed, embedded, p_yes, threshold, explore=explore)
         chosen = [embedded[i].conversation for i in picks]
     elif n:
@@ -229,8 +239,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tenant", default=None, help="only this tenant's conversations")
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY,
                         help="pairs per teacher batch (in flight together; stored before the next)")
-    parser.add_argument("--explore", type=float, default=EXPLORE,
-                        help="uncertainty: share of the picks taken at random instead (0-1)")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--config", type=Path, help="YAML config file (environment variables override it)")
 
@@ -262,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
             return await label_question(
                 pool, question, teacher, args.budget, strategy=args.strategy, cascade=cascade,
                 embedder_id=embedder_id, tenant_id=args.tenant, batch=args.concurrency, seed=args.seed,
-                progress=sys.stderr.isatty(), explore=args.explore,
+                progress=sys.stderr.isatty(),
             )
         finally:
             await pool.close()

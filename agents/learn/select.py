@@ -6,6 +6,13 @@ closest to the question's decision threshold, cluster them into n groups with k-
 conversation vectors (each weighted by how uncertain it is), and take from every group the
 member closest to the threshold. Near-duplicates fall into one group, so a batch is not spent on
 n copies of one template while other kinds of uncertain conversation go unasked.
+
+A cold start needs more: while a question's labels do not yet hold both answers, the stage-1
+score near the threshold can be wrong in one direction only, and picks near it keep returning
+that one answer. On the shared data the zero-shot scorer put only positives of q05 near its
+threshold: 200 uncertainty picks, 200 yes, never a head (F1 0.67 where a head reaches 0.99).
+So `pick_uncertain` can take a share of the picks at random (`label_question` does so until the
+question has enough labels of each answer to train a head).
 """
 
 from __future__ import annotations
@@ -20,7 +27,6 @@ UNCERTAINTY = "uncertainty"
 RANDOM = "random"
 STRATEGIES = (UNCERTAINTY, RANDOM)
 PREFILTER = 10
-EXPLORE = 0.0
 
 
 def conversation_vectors(convs: Sequence[EmbeddedConversation]) -> np.ndarray:
@@ -47,7 +53,7 @@ def uncertainty(p_yes: np.ndarray, threshold: float) -> np.ndarray:
 
 def pick_uncertain(
     p_yes: np.ndarray, threshold: float, vectors: np.ndarray, n: int, seed: int, prefilter: int = PREFILTER,
-    explore: float = EXPLORE,
+    explore: float = 0.0,
 ) -> np.ndarray:
     """n candidate indices: `explore` of them at random, the rest near the threshold, spread over
     k-means groups (module docstring)."""

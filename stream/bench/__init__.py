@@ -55,8 +55,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategies", default="uncertainty,random", help="--learn: uncertainty and/or random")
     p.add_argument("--only", nargs="+", default=None, help="--learn: only these question ids")
     p.add_argument("--seed", type=int, default=13, help="--learn: seed of the random picks and k-means")
-    p.add_argument("--explore", type=float, default=None,
-                   help="--learn: share of each uncertainty round picked at random (default: flexor label's)")
     p.add_argument("--report", type=Path, required=True, help="directory for bench.json (and .md / .png)")
 
 

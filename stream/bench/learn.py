@@ -39,7 +39,7 @@ from typing import Any
 import asyncpg
 
 from agents.learn.datasets import LabelledSet, read_labelled
-from agents.learn.select import EXPLORE, STRATEGIES
+from agents.learn.select import STRATEGIES
 from agents.learn.teacher import GOLD_PREFIX, Teacher, load_teacher
 from agents.questions import QuestionSet
 from agents.types import EmbeddedConversation
@@ -146,7 +146,6 @@ async def run_strategy(
     work: Path,
     seed: int,
     gold: dict[tuple[str, str], bool],
-    explore: float,
 ) -> dict[str, Any]:
     """The curve of one strategy, and what its teacher said against the gold answers."""
     from agents.learn.evaluate import build_pipeline
@@ -167,8 +166,7 @@ async def run_strategy(
             for q in questions.questions:
                 q = q.model_copy(update={"head": by_question.get(q.id)})
                 run = await label_question(pool, q, teacher, n, strategy=strategy, cascade=pipeline.cascade,
-                                           embedder_id=embedder.model_id, seed=seed + n, loaded=loaded,
-                                           explore=explore)
+                                           embedder_id=embedder.model_id, seed=seed + n, loaded=loaded)
                 calls += run.asked
                 yes += run.yes
             t_label = time.perf_counter() - t0
@@ -233,7 +231,6 @@ def learn(
     limit: int | None = None,
     only: Sequence[str] | None = None,
     seed: int = 13,
-    explore: float = EXPLORE,
     embedder_backend: str = "onnx-int8",
 ) -> dict[str, Any]:
     from agents.learn.embedcache import CachingEmbedder
@@ -287,7 +284,7 @@ def learn(
                 teacher = load_teacher(spec)
                 db = asyncio.run(_copy_database(pg.url, base, f"{base}_{strategy}"))
                 results[strategy] = asyncio.run(run_strategy(
-                    strategy, db, loaded, questions, teacher, rounds, eval_set, embedder, work, seed, gold, explore))
+                    strategy, db, loaded, questions, teacher, rounds, eval_set, embedder, work, seed, gold))
                 c = teacher.cost()
                 costs[strategy] = {"pairs": c.pairs, "calls": c.calls, "prompt_tokens": c.prompt_tokens,
                                    "generated_tokens": c.generated_tokens}
@@ -313,7 +310,6 @@ def learn(
             "questions": len(questions.questions),
             "curves": {s: [zero_point, *c] for s, c in curves.items()},
             "teacher": spec if not spec.startswith(GOLD_PREFIX) else f"{GOLD_PREFIX}{answers_name}",
-            "explore": explore,
             "teacher_cost": costs,
             "goals": _goals(full_f1, curves, len(pool_set.gold), len(questions.questions)),
             "per_question": {
@@ -422,7 +418,6 @@ def run_learn(args: argparse.Namespace) -> int:
         conversations=[Path(p) for p in args.conversations], questions_path=Path(args.questions),
         answers_path=Path(args.answers), report=Path(args.report), rounds=parse_rounds(args.rounds),
         teacher_spec=args.teacher, strategies=strategies, limit=args.limit, only=args.only, seed=args.seed,
-        explore=EXPLORE if args.explore is None else args.explore,
     )
     learn_ = result["learn"]
     last = {s: c[-1] for s, c in learn_["curves"].items()}

@@ -171,7 +171,7 @@ async def test_eval_from_store_scores_the_held_out_share_like_the_files(stored: 
     assert {json.loads(line)["conversation_id"] for line in answers[1]} == held_out
 
 
-async def test_label_gold_picks_by_strategy(stored: str) -> None:
+async def test_label_gold_picks_by_strategy(stored: str, tmp_path: Path) -> None:
     from agents.learn.evaluate import build_pipeline
     from models.embedder import load_embedder
 
@@ -180,12 +180,18 @@ async def test_label_gold_picks_by_strategy(stored: str) -> None:
     embedder = load_embedder("onnx-int8")
     pipeline, _, _ = build_pipeline(embedder, None)
     teacher = GoldTeacher(LABELS)
+    rows = [r for r in map(json.loads, LABELS.read_text().splitlines())
+            if r["question_id"] == "customer_angry" and r["revision"] == 1]
+    seed_labels = tmp_path / "seed.jsonl"  # both answers: past the cold start, uncertainty alone picks
+    both = [r for r in rows if r["answer"] == "yes"][:3] + [r for r in rows if r["answer"] == "no"][:3]
+    seed_labels.write_text("".join(json.dumps(r) + "\n" for r in both))
+    await _import(stored, seed_labels)
     pool = await open_pool(stored, max_size=2)
     try:
         run = await label_question(pool, q, teacher, 5, strategy="uncertainty", cascade=pipeline.cascade,
                                    embedder_id=embedder.model_id)
         assert (run.asked, run.had, run.cost.pairs) == (5, 0, 5)
-        got = await LabelsTable(pool).fetch(["customer_angry"])
+        got = [g for g in await LabelsTable(pool).fetch(["customer_angry"]) if g.source != "import"]
         assert len(got) == 5 and {g.source for g in got} == {teacher_source("gold:labels.jsonl")}
         gold = {(r["conversation_id"], r["revision"]): r["answer"]
                 for r in map(json.loads, LABELS.read_text().splitlines()) if r["question_id"] == "customer_angry"}
@@ -205,7 +211,7 @@ async def test_label_gold_picks_by_strategy(stored: str) -> None:
         again = await label_question(pool, q, teacher, 5, strategy="random")
         assert (again.had, again.asked) == (5, 0)
         more = await label_question(pool, q, teacher, 12, strategy="random", seed=3)
-        assert more.asked == 7 and len(await LabelsTable(pool).fetch(["customer_angry"])) == 12
+        assert more.asked == 7 and len(await LabelsTable(pool).fetch(["customer_angry"])) == 6 + 12
     finally:
         await pool.close()
 

@@ -34,3 +34,15 @@ def test_small_pools_and_random_picks() -> None:
     a, b = pick_random(100, 10, seed=5), pick_random(100, 10, seed=5)
     assert a.tolist() == b.tolist() and len(set(a.tolist())) == 10
     assert pick_random(100, 10, seed=6).tolist() != a.tolist()
+
+
+def test_a_share_of_the_picks_can_be_random() -> None:
+    """The cold start's share: `explore` of the picks come from anywhere, the rest from near the threshold."""
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(1000, 8)).astype(np.float32)
+    p = np.r_[np.full(20, 0.5), np.full(980, 0.01)]  # 20 at the threshold, 980 far from it
+    picked = pick_uncertain(p, 0.5, vectors, n=8, seed=2, explore=0.5)
+    assert len(set(picked.tolist())) == 8
+    assert sum(i < 20 for i in picked) == 4  # the uncertain half
+    assert pick_uncertain(p, 0.5, vectors, n=8, seed=2).tolist() == sorted(pick_uncertain(
+        p, 0.5, vectors, n=8, seed=2, explore=0.0).tolist())
