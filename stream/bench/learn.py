@@ -194,14 +194,22 @@ async def run_strategy(
     mine = [g for g in given if g.source == teacher_source(teacher.model_id)]
     known = [(g, gold.get((g.question_id, g.conversation_id))) for g in mine]
     known = [(g, y) for g, y in known if y is not None]
-    agreement = {
-        "pairs": len(known),
-        "agree": sum((g.answer == "yes") == y for g, y in known),
-        "teacher_yes": sum(g.answer == "yes" for g, _ in known),
-        "gold_yes": sum(y for _, y in known),
+    return {"curve": curve, "agreement": agreement([(g.answer == "yes", y) for g, y in known])}
+
+
+def agreement(pairs: Sequence[tuple[bool, bool]]) -> dict[str, Any]:
+    """The teacher's answers against the gold ones: raw agreement, and Cohen's kappa, which
+    discounts what a teacher answering "no" to everything would agree by chance."""
+    n = len(pairs)
+    both_yes = sum(t and g for t, g in pairs)
+    agree = sum(t == g for t, g in pairs)
+    t_yes, g_yes = sum(t for t, _ in pairs), sum(g for _, g in pairs)
+    chance = (t_yes * g_yes + (n - t_yes) * (n - g_yes)) / n**2 if n else 0.0
+    return {
+        "pairs": n, "agree": agree, "rate": round(agree / n, 4) if n else None,
+        "teacher_yes": t_yes, "gold_yes": g_yes, "both_yes": both_yes,
+        "kappa": round((agree / n - chance) / (1 - chance), 4) if n and chance < 1 else None,
     }
-    agreement["rate"] = round(agreement["agree"] / len(known), 4) if known else None
-    return {"curve": curve, "agreement": agreement}
 
 
 class _Quiet:

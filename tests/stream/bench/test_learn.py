@@ -41,3 +41,12 @@ def test_rounds_must_increase() -> None:
     for bad in ("40,20", "0,10", "a", ""):
         with pytest.raises(ValueError, match="--rounds"):
             parse_rounds(bad)
+
+
+def test_agreement_discounts_a_teacher_that_always_says_no() -> None:
+    from stream.bench.learn import agreement
+
+    always_no = agreement([(False, False)] * 90 + [(False, True)] * 10)
+    assert always_no["rate"] == 0.9 and always_no["kappa"] == 0.0 and always_no["both_yes"] == 0
+    perfect = agreement([(True, True)] * 10 + [(False, False)] * 90)
+    assert perfect["rate"] == 1.0 and perfect["kappa"] == 1.0
