@@ -224,7 +224,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="labels_command", required=True, metavar="ACTION",
                                 parser_class=type(parser))
     p = sub.add_parser("import", help="check a label file and store its labels (source `import`)",
-                       description=__doc__.splitlines()[0])
+                       description="Check every line of a label file, then store its labels (source `import`). "
+                                   "A file with a bad line imports nothing. Defaults for fields a row leaves "
+                                   "out: docs/learning.md.")
     p.add_argument("file", type=Path, help="labels JSONL (examples/labels.jsonl) or answers.jsonl(.gz)")
     p.add_argument("--questions", type=Path, default=None,
                    help="questions.yaml or questions.json (default: the configured questions_file)")
