@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,6 +30,9 @@ StageTimer = Callable[[str, float], None]
 class BatchResult:
     answers: list[list[Answer]]  # aligned with the input conversations
     embedded: list[EmbeddedConversation]
+    # Per question: the indices of the conversations it applied to and stage 1's scores for them
+    # (before the LLM), for the monitors (`agents.monitor`).
+    stage1: list[tuple[Question, list[int], Stage1Result]] = field(default_factory=list)
 
 
 def embed_conversations(embedder: Embedder, convs: Sequence[Conversation]) -> list[EmbeddedConversation]:
@@ -83,12 +86,20 @@ class Pipeline:
     ) -> list[Stage1Result]:
         return [self.cascade.stage1(q, [embedded[i] for i in idx]) for q, idx in plan]
 
+    async def embed(self, convs: Sequence[Conversation]) -> list[EmbeddedConversation]:
+        """Chunk and embed, in the worker: the model work of a batch, which a caller that retries
+        may keep (`embedded=` below)."""
+        return await self._in_worker(self._embed_conversations, convs)
+
     async def classify(
         self,
         convs: Sequence[Conversation],
         questions: QuestionSet,
         timer: StageTimer | None = None,
+        embedded: Sequence[EmbeddedConversation] | None = None,
     ) -> BatchResult:
+        """`embedded`: the conversations' `embed()` results from an earlier attempt, if kept."""
+
         def lap(stage: str, since: float) -> float:
             now = time.perf_counter()
             if timer is not None:
@@ -96,8 +107,10 @@ class Pipeline:
             return now
 
         t = time.perf_counter()
-        embedded = await self._in_worker(self._embed_conversations, convs)
-        t = lap("embed", t)
+        if embedded is None:
+            embedded = await self.embed(convs)
+            t = lap("embed", t)
+        embedded = list(embedded)
         await self.store.upsert(embedded, self.embedder.model_id)
         t = lap("store", t)
 
@@ -128,4 +141,4 @@ class Pipeline:
         for (q, idx), (_, _, ev), ds in zip(plan, per_question, decisions, strict=True):
             for i, e, d in zip(idx, ev, ds, strict=True):
                 answers[i].append(Answer(q.id, q.version, d.answer, d.p_yes, d.decided_by, tuple(e)))
-        return BatchResult(answers, embedded)
+        return BatchResult(answers, embedded, [(q, idx, s1) for (q, idx), s1 in zip(plan, stage1, strict=True)])

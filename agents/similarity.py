@@ -21,7 +21,9 @@ Generic recipe, applied identically to every question (nothing here knows a ques
    support-chat windows score far below the 0.45 that suits SGD's intent phrasing); otherwise a
    fixed midpoint. Without labels there is no real calibration.
 
-Question vectors are cached per (question id, version).
+Question vectors are cached per (question id, version, meaning): a question whose text or
+examples changed under the same version (which the registry refuses, but a caller may build) never
+gets the old prototype.
 
 Measured on the training split (macro ROC-AUC over the 13 shared questions; chosen there, not
 on the evaluation split): max cosine to the raw question 0.832; prototype of the expansions
@@ -144,8 +146,8 @@ class SimilarityScorer:
 
     def __init__(self, embedder: Embedder) -> None:
         self._embedder = embedder
-        self._vectors: dict[tuple[str, int], np.ndarray] = {}
-        self._midpoints: dict[tuple[str, int], float] = {}
+        self._vectors: dict[tuple[str, int, str], np.ndarray] = {}
+        self._midpoints: dict[tuple[str, int, str], float] = {}
         self._background: np.ndarray | None = None
         self._lock = threading.Lock()
 
@@ -155,8 +157,12 @@ class SimilarityScorer:
             self._background = v / np.linalg.norm(v)
         return self._background
 
+    @staticmethod
+    def _key(question: Question) -> tuple[str, int, str]:
+        return question.id, question.version, question.meaning
+
     def prototype(self, question: Question) -> np.ndarray:
-        key = (question.id, question.version)
+        key = self._key(question)
         with self._lock:
             if key not in self._vectors:
                 texts = expand(question.text)
@@ -190,7 +196,7 @@ class SimilarityScorer:
 
     def p_yes(self, question: Question, convs: Sequence[EmbeddedConversation]) -> np.ndarray:
         scores = self.scores(question, convs)  # fills the prototype and midpoint caches
-        midpoint = self._midpoints[(question.id, question.version)]
+        midpoint = self._midpoints[self._key(question)]
         return 1.0 / (1.0 + np.exp(-_SLOPE * (scores - midpoint)))
 
     def threshold(self, question: Question) -> float:

@@ -24,6 +24,7 @@ from stream.feedback import FeedbackConsumer
 from stream.http import make_app, start_http
 from stream.kafka import ensure_topics
 from stream.metrics import Metrics
+from stream.monitoring import build_monitor
 from stream.service import Service
 
 log = logging.getLogger(__name__)
@@ -103,18 +104,22 @@ async def run_service(
     pool = await open_database(dsn, where=redact_url(dsn))
     try:
         if create_topics:
-            t = settings.topics
-            await ensure_topics(settings.kafka, [t.input, t.output, t.dlq, t.feedback], t.partitions)
+            await ensure_topics(settings.kafka, settings.topics)
         pipeline, models, llm = await build_pipeline(settings, metrics, pool)
-        service = Service(settings, pipeline, questions, pool, metrics, models)
+        cascade = pipeline.cascade
+        monitor = await asyncio.to_thread(
+            build_monitor, settings, metrics, pipeline.embedder, cascade.zero_shot, cascade.heads, llm, pool
+        )
+        service = Service(settings, pipeline, questions, pool, metrics, models, monitor)
 
-        app = make_app(registry, lambda: {"kafka": service.kafka_ok, "postgres": service.postgres_ok})
+        app = make_app(registry, service.readiness)
         runner, port = await start_http(app, settings.metrics_host, settings.metrics_port)
         loop = asyncio.get_running_loop()
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, service.stop)
-            loop.add_signal_handler(signal.SIGHUP, questions.reload)
+            # The reload reads and parses a file: off the event loop.
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, questions.reload))
         log.info("service starting: metrics on http://%s:%d/metrics", settings.metrics_host, port)
         try:
             if on_running is not None:

@@ -66,11 +66,15 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from stream.app import run_service
+    from stream.errors import FatalError
 
     settings = _settings(args)
     _setup_logging(settings.log_level)
     logging.getLogger(__name__).info("config: %s", settings.redacted())
-    asyncio.run(run_service(settings, create_topics=args.create_topics))
+    try:
+        asyncio.run(run_service(settings, create_topics=args.create_topics))
+    except FatalError:
+        return 1  # the service logged the one line that says why
     return 0
 
 
@@ -201,6 +205,8 @@ COMMANDS = {
     "train": ("Train per-question heads from labelled conversations or from the labels table.",
               "agents.learn.train"),
     "eval": ("Evaluate the pipeline on labelled conversations and write a report.", "agents.learn.evaluate"),
+    "heads": ("Compare two sets of heads offline: heads diff LIVE CANDIDATE --conversations ...",
+              "stream.dev.heads_diff"),
     "bench": ("Benchmarks: --e2e (service vs embed-only), --compare (baseline vs cascade), --load, --learn.",
               "stream.bench"),
 }
@@ -233,7 +239,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             p.add_argument("--timeout", type=float, default=600.0, help="--demo gives up after this many seconds")
         elif name == "serve":
             _config_args(p)
-            p.add_argument("--create-topics", action="store_true", help="create missing topics at start")
+            p.add_argument("--create-topics", action="store_true",
+                           help="create missing topics at start (without it, a missing topic stops the service)")
         elif name in ("migrate",):
             _config_args(p)
         elif name == "produce":

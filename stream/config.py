@@ -78,6 +78,11 @@ class BatchConfig(BaseModel):
     max_wait_ms: int = Field(default=200, ge=1)
     # Records fetched but not yet committed; above it the consumer pauses its partitions.
     max_in_flight: int = Field(default=512, ge=1)
+    # Records whose classification raises go to the DLQ (`processing_error`), unless more than
+    # this share of the last `poison_window` classified records did: then the service stops, since
+    # a bad deploy must not drain the topic into the DLQ (`stream.poison`). 0 stops on the first.
+    max_poison_ratio: float = Field(default=0.05, ge=0.0, le=1.0)
+    poison_window: int = Field(default=200, ge=1)
 
 
 class LimitsConfig(BaseModel):
@@ -95,6 +100,38 @@ class ModelsConfig(BaseModel):
     heads_dir: Path | None = None
     # LLM engine spec for the uncertain band (hf-tiny, hf:PATH, openai:URL, trtllm:PATH); None = off.
     llm: str | None = None
+    # Share of events whose confident stage-1 answers the LLM also answers (agents/audit.py);
+    # None = 0.01 with an LLM, else 0.
+    llm_audit_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+    # Candidate heads scored beside the live ones, never published (agents/shadow.py).
+    shadow_heads_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _audit_needs_llm(self) -> ModelsConfig:
+        if self.llm_audit_rate and not self.llm:
+            raise ValueError("llm_audit_rate needs an LLM to audit with: set models.llm, or the rate to 0")
+        return self
+
+    @property
+    def audit_rate(self) -> float:
+        if self.llm_audit_rate is not None:
+            return self.llm_audit_rate
+        return 0.01 if self.llm else 0.0
+
+
+class DriftConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Answers per question in the sliding window compared with the heads' training data.
+    window: int = Field(default=1000, ge=10)
+    # PSI is reported once the window holds this many answers (a small window is mostly noise).
+    min_answers: int = Field(default=200, ge=1)
+
+    @model_validator(mode="after")
+    def _min_within_window(self) -> DriftConfig:
+        if self.min_answers > self.window:
+            raise ValueError("min_answers cannot exceed window")
+        return self
 
 
 class Settings(BaseSettings):
@@ -109,6 +146,7 @@ class Settings(BaseSettings):
     batch: BatchConfig = BatchConfig()
     limits: LimitsConfig = LimitsConfig()
     models: ModelsConfig = ModelsConfig()
+    drift: DriftConfig = DriftConfig()
     questions_file: Path = EXAMPLE_QUESTIONS
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
@@ -230,6 +268,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "FLEXOR_BATCH__MAX_WAIT_MS": str(settings.batch.max_wait_ms),
         "FLEXOR_BATCH__MAX_EVENTS": str(settings.batch.max_events),
         "FLEXOR_BATCH__MAX_IN_FLIGHT": str(settings.batch.max_in_flight),
+        "FLEXOR_BATCH__MAX_POISON_RATIO": str(settings.batch.max_poison_ratio),
+        "FLEXOR_BATCH__POISON_WINDOW": str(settings.batch.poison_window),
     }
     if settings.kafka.transactional_id:
         env["FLEXOR_KAFKA__TRANSACTIONAL_ID"] = settings.kafka.transactional_id

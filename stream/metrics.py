@@ -80,3 +80,28 @@ class Metrics:
             "flexor_dependency_errors_total", "Failed attempts to reach a dependency (probes and batches)",
             ["dependency"], registry=registry,
         )
+        # Are the answers still right? (agents/monitor.py: audit sampling, shadow heads, drift)
+        self.audit = Counter(
+            "flexor_audit_answers_total", "Audited stage-1 answers, by agreement with the LLM",
+            ["question_id", "result"], registry=registry,
+        )
+        self.audit_failures = Counter(
+            "flexor_audit_failures_total", "Audited answers without a stored LLM answer", ["reason"],
+            registry=registry,
+        )
+        self.shadow = Counter(
+            "flexor_shadow_answers_total", "Candidate-head answers, by agreement with the live heads' answers",
+            ["question_id", "result"], registry=registry,
+        )
+        self.drift_psi = Gauge(
+            "flexor_drift_psi", "Population stability index of recent p_yes against the head's training data",
+            ["question_id"], registry=registry,
+        )
+        self.yes_rate = Gauge(
+            "flexor_drift_yes_rate", "Share of yes answers (stage 1) in the recent window", ["question_id"],
+            registry=registry,
+        )
+        self.reference_yes_rate = Gauge(
+            "flexor_drift_reference_yes_rate", "Share of yes answers of the live head on its training data",
+            ["question_id"], registry=registry,
+        )

@@ -32,13 +32,18 @@ class Reason(StrEnum):
     EMPTY_TURNS = "empty_turns"
     TOO_MANY_TURNS = "too_many_turns"
     TEXT_TOO_LONG = "text_too_long"
+    # Valid, but classifying it raised (`stream.poison`); not a decode outcome.
+    PROCESSING_ERROR = "processing_error"
 
 
 class InvalidEvent(ValueError):
-    def __init__(self, reason: Reason, message: str) -> None:
+    """`error_type`: the exception's type when a processing error put the record in the DLQ."""
+
+    def __init__(self, reason: Reason, message: str, error_type: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.error_type = error_type
 
 
 class TurnV1(BaseModel):
@@ -271,6 +276,9 @@ class DeadLetterHeadersV1(BaseModel):
 
     error_reason: Reason = Field(alias="error.reason")
     error_message: str = Field(alias="error.message")
+    error_type: str | None = Field(
+        default=None, alias="error.type", description="the exception's type, for reason processing_error"
+    )
     error_truncated_from: str | None = Field(
         default=None, alias="error.truncated_from", pattern=r"^[0-9]+$",
         description="the original length in bytes, when the value was cut to limits.max_event_bytes",

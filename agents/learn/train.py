@@ -26,6 +26,8 @@ conversations the question applies to setting the scales (`fit_few_shot`).
 
 Questions with fewer than MIN_PER_CLASS labels of either class keep the zero-shot path; the
 manifest says so.
+Per head, the manifest also keeps the drift reference (`agents.drift`): the histogram of p_yes
+and the yes-rate of its out-of-fold scores (a few-shot head: of its scores on the pool).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from agents.drift import reference as drift_reference
 from agents.features import FEATURE_VERSION, FeatureExtractor
 from agents.heads import Calibration, Head, write_manifest
 from agents.learn.datasets import HOLDOUT, LabelledSet, read_labelled, read_questions_file
@@ -234,6 +237,8 @@ def fit_head(
     cv["folds"] = folds
     cv["repeats"] = repeats
     cv["note"] = "out-of-fold (first repeat); calibration and threshold were fitted on every repeat's scores"
+    # What the head outputs on rows it has not seen: the drift reference (`run` moves it to the manifest).
+    cv["reference"] = drift_reference(first, threshold).as_dict()
     coef, b = _logreg(z, y, c)
     chunk_coef, chunk_b = _chunk_logreg(chunk_vectors, y, C_CHUNK) if chunk_vectors is not None else (None, 0.0)
     lex_coef, lex_b = _logreg(lexical, y, C_LEX) if lexical is not None else (None, 0.0)
@@ -330,7 +335,7 @@ def fit_few_shot(
     threshold = 0.5
     cv = summarize(y, p_loo, p_loo >= threshold)
     cv["folds"] = "leave-one-out"
-    return _make_head(
+    head = _make_head(
         "few-shot", head_id, question_id, question_text, embedder_id, mean, scale, w, b, cal, threshold, y, cv,
         conv_div=conv_div,
         chunk_coef=prototype if use_chunk else None,
@@ -340,6 +345,10 @@ def fit_few_shot(
         lex_intercept=lb,
         lex_div=lex_div,
     )
+    # The drift reference: the head's scores on the pool, which its 2K shots barely overlap.
+    pool_p = head.p_yes(pool.x, pool.chunk_vectors, pool.lexical if use_lex else None)
+    head.cv_metrics["reference"] = drift_reference(pool_p, threshold).as_dict()
+    return head
 
 
 def _round(d: dict[str, Any]) -> dict[str, Any]:
@@ -521,6 +530,7 @@ def train_heads(
                 seed=seed,
                 **common,
             )
+        reference = head.cv_metrics.pop("reference")
         head.save(out)
         heads[q.id] = head.head_id
         cv = head.cv_metrics
@@ -532,6 +542,7 @@ def train_heads(
             "threshold": head.threshold,
             "band": list(head.band),
             "cv_metrics": cv,
+            "reference": reference,
         }
         if by_source is not None:
             entries[q.id]["labels_by_source"] = by_source

@@ -1,6 +1,7 @@
 """Engine throughput: the same prompts at batch 1 and at batch N, side by side in one run.
 
-``python -m models.llm.bench --spec hf:smollm2-135m`` prints a JSON dict. The prompts are
+``python -m models.llm.bench --spec hf:smollm2-135m`` prints a JSON dict, with the latency of a
+request that arrives alone at the batch scheduler (`lone_request_p50_ms`). The prompts are
 ``sample_prompts``: the production yes/no template with 3-5 evidence excerpts (about 200 tokens
 each on SmolLM2), so the numbers are for the LLM stage's real prompt shape.
 """
@@ -80,6 +81,29 @@ def bench_batching(engine: YesNoEngine, prompts: list[str], batch_sizes: tuple[i
     return result
 
 
+def bench_lone_request(engine: YesNoEngine, prompts: list[str], max_wait_ms: int = 30, n: int = 20) -> dict:
+    """Latency of a request that arrives alone at the batch scheduler: it waits up to max_wait
+    for company, then runs as a batch of one. The p50 should sit just above max_wait plus one
+    engine call at batch 1."""
+    import asyncio
+    import statistics
+
+    from models.llm.scheduler import BatchScheduler
+
+    async def run() -> list[float]:
+        out = []
+        async with BatchScheduler(engine, max_batch=32, max_wait_ms=max_wait_ms) as scheduler:
+            for p in prompts[:n]:
+                start = time.perf_counter()
+                await scheduler.score(p)
+                out.append((time.perf_counter() - start) * 1000)
+        return out
+
+    latencies = asyncio.run(run())
+    return {"scheduler_max_wait_ms": max_wait_ms, "lone_request_p50_ms": round(statistics.median(latencies), 1),
+            "lone_request_max_ms": round(max(latencies), 1)}
+
+
 def main(argv: list[str] | None = None) -> None:
     from models.llm.specs import SPECS, load_engine
 
@@ -91,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     options = {"num_threads": args.threads} if args.threads and args.spec.startswith("hf") else {}
     engine = load_engine(args.spec, **options)
-    print(json.dumps(bench_batching(engine, sample_prompts(args.prompts), tuple(args.batch))))
+    prompts = sample_prompts(args.prompts)
+    print(json.dumps({**bench_batching(engine, prompts, tuple(args.batch)), **bench_lone_request(engine, prompts)}))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 --e2e      the service on the embedded broker + Postgres vs chunking + embedding alone, on the
            same conversations; then latency at a produce rate of half the measured throughput.
+           With --monitoring: the same service with and without audit sampling and shadow
+           heads, side by side (stream.bench.monitoring).
 --compare  the seed baseline (whole conversation, two LLM calls per question) vs the cascade,
            on the same engine and conversations (stream.bench.compare).
 --load     fixed-rate load for a duration: throughput, latency, lag and RSS over time
@@ -40,7 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--answers", type=Path, default=None,
                    help="gold answers (--compare: for macro-F1; --learn: the teacher and the measure)")
     p.add_argument("--heads", type=Path, default=None, help="trained heads directory")
-    p.add_argument("--engine", default="hf-tiny", help="LLM engine spec for --compare")
+    p.add_argument("--engine", default="hf-tiny", help="LLM engine spec for --compare and --e2e --monitoring")
+    p.add_argument("--monitoring", action="store_true",
+                   help="--e2e: measure the cost of audit sampling and shadow heads against the same run without")
+    p.add_argument("--audit-rate", type=float, default=0.01, help="--monitoring: audit rate of the audited variants")
+    p.add_argument("--shadow-heads", type=Path, default=None, help="--monitoring: candidate heads directory")
     p.add_argument("--limit", type=int, default=None,
                    help="conversations to use (default 500; --learn: per file, default all)")
     p.add_argument("--rate", type=float, default=None, help="--load: events per second")
@@ -49,8 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--load without --rate: rate as a fraction of the measured capacity (1.5 = overload)")
     p.add_argument("--drain", type=float, default=60.0,
                    help="--load: seconds after the load with nothing produced, to check nothing is lost")
-    p.add_argument("--rounds", default="20,40,70,100,150,200",
-                   help="--learn: labels per question after each round, comma-separated")
+    p.add_argument("--rounds", default=None,
+                   help="--monitoring: rounds of the four variants (default 2); --learn: labels per question "
+                        "after each round, comma-separated (default 20,40,70,100,150,200)")
     p.add_argument("--teacher", default=None, help="--learn: gold:FILE or an LLM engine spec (default: gold:ANSWERS)")
     p.add_argument("--strategies", default="uncertainty,random", help="--learn: uncertainty and/or random")
     p.add_argument("--only", nargs="+", default=None, help="--learn: only these question ids")
@@ -78,6 +85,14 @@ def run(args: argparse.Namespace) -> int:
         return run_learn(args)
     if args.limit is None:
         args.limit = 500
+    if args.monitoring and not args.e2e:
+        raise ValueError("--monitoring goes with --e2e")
+    try:
+        args.rounds = 2 if args.rounds is None else int(args.rounds)
+    except ValueError:
+        raise ValueError(f"--rounds takes a number of rounds here, not {args.rounds!r}") from None
+    if args.rounds < 1:
+        raise ValueError("--rounds must be at least 1")
     if args.compare:
         from stream.bench.compare import run_compare
 
@@ -86,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
         from stream.bench.load import run_load
 
         return run_load(args)
+    if args.monitoring:
+        from stream.bench.monitoring import run_monitoring
+
+        return run_monitoring(args)
     from stream.bench.e2e import run_e2e
 
     return run_e2e(args)

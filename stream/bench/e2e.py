@@ -95,12 +95,16 @@ class OutputWatcher:
         await self._consumer.stop()
 
 
-async def _e2e(settings: Settings, events: list[dict[str, Any]]) -> dict[str, Any]:
+async def measure_service(
+    settings: Settings, events: list[dict[str, Any]], latency_rate: float | None = None
+) -> tuple[dict[str, Any], Any]:
+    """The service on `settings`: throughput with every event produced at once, then latency on
+    new revisions produced at `latency_rate` (default: half the measured throughput). Returns the
+    measures and the service's metrics registry."""
     from stream.app import Running, run_service
 
-    embed_rate = await _embed_only(settings, events)
     t = settings.topics
-    await ensure_topics(settings.kafka, [t.input, t.output, t.dlq], t.partitions)
+    await ensure_topics(settings.kafka, t)
     started: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
     service = asyncio.create_task(run_service(settings, on_running=started.set_result, install_signals=False))
     running = await started
@@ -121,7 +125,7 @@ async def _e2e(settings: Settings, events: list[dict[str, Any]]) -> dict[str, An
         throughput = len(keys) / (max(watcher.arrived[k] for k in keys) - t0)
 
         # Phase 2: latency at half that rate, on new revisions (a replay would be skipped).
-        rate = throughput / 2
+        rate = latency_rate or throughput / 2
         second = [dict(e, revision=e["revision"] + 1, event_id=f"{e['event_id']}:r2") for e in events]
         sent = await produce_events(producer, t.input, second, rate=rate)
         keys2 = [(e["conversation_id"], e["revision"]) for e in second]
@@ -133,16 +137,22 @@ async def _e2e(settings: Settings, events: list[dict[str, Any]]) -> dict[str, An
         running.service.stop()
         await asyncio.gather(service, return_exceptions=True)
     return {
-        "e2e": {
-            "conversations_per_s": throughput,
-            "latency_rate": rate,
-            "p50_ms": float(np.percentile(lat, 50)),
-            "p95_ms": float(np.percentile(lat, 95)),
-            "p99_ms": float(np.percentile(lat, 99)),
-            "n": len(events),
-        },
+        "conversations_per_s": throughput,
+        "latency_rate": rate,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p95_ms": float(np.percentile(lat, 95)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "n": len(events),
+    }, running.metrics.registry
+
+
+async def _e2e(settings: Settings, events: list[dict[str, Any]]) -> dict[str, Any]:
+    embed_rate = await _embed_only(settings, events)
+    e2e, _ = await measure_service(settings, events)
+    return {
+        "e2e": e2e,
         "embed_only": {"conversations_per_s": embed_rate, "n": len(events)},
-        "ratios": {"e2e_vs_embed_only": throughput / embed_rate},
+        "ratios": {"e2e_vs_embed_only": e2e["conversations_per_s"] / embed_rate},
         "settings": {"max_events": settings.batch.max_events, "max_wait_ms": settings.batch.max_wait_ms,
-                     "embedder": settings.models.embedder, "partitions": t.partitions},
+                     "embedder": settings.models.embedder, "partitions": settings.topics.partitions},
     }

@@ -424,7 +424,8 @@ def run_learn(args: argparse.Namespace) -> int:
         raise ValueError(f"--strategies takes {' and/or '.join(STRATEGIES)}, not {args.strategies!r}")
     result = learn(
         conversations=[Path(p) for p in args.conversations], questions_path=Path(args.questions),
-        answers_path=Path(args.answers), report=Path(args.report), rounds=parse_rounds(args.rounds),
+        answers_path=Path(args.answers), report=Path(args.report),
+        rounds=parse_rounds(args.rounds) if args.rounds is not None else ROUNDS,
         teacher_spec=args.teacher, strategies=strategies, limit=args.limit, only=args.only, seed=args.seed,
     )
     learn_ = result["learn"]

@@ -103,7 +103,7 @@ def _start_service(settings: Settings, log: Path) -> subprocess.Popen:  # type: 
 
 async def _load(settings: Settings, convs: list[dict[str, Any]], args: argparse.Namespace, log: Path) -> dict[str, Any]:
     t = settings.topics
-    await ensure_topics(settings.kafka, [t.input, t.output, t.dlq], t.partitions)
+    await ensure_topics(settings.kafka, t)
     proc = await asyncio.to_thread(_start_service, settings, log)
     watcher = OutputWatcher(settings)
     producer = make_producer(settings.kafka)

@@ -61,6 +61,12 @@ def test_train_writes_versioned_heads_and_manifest(trained: tuple[Path, Path]) -
         assert (heads / e["head"] / "weights.npz").exists()
         assert e["rows"] > 0 and 0 < e["threshold"] < 1 and "f1" in e["cv_metrics"]
         assert json.loads((heads / e["head"] / "head.json").read_text())["lexical_part"]
+        # the drift reference: the out-of-fold scores the cv metrics were computed from
+        ref = e["reference"]
+        assert ref["bins"] == 10 and ref["n"] == e["rows"] == e["cv_metrics"]["n"]
+        assert sum(ref["p_yes"]) == pytest.approx(1.0, abs=1e-5)
+        assert ref["yes_rate"] == pytest.approx(e["cv_metrics"]["n_pred_yes"] / e["rows"], abs=1e-6)
+        assert "reference" not in json.loads((heads / e["head"] / "head.json").read_text())["cv_metrics"]
     # a question too rare for the slice says it keeps the zero-shot path
     for e in entries.values():
         if not e["head"]:
