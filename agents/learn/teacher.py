@@ -120,10 +120,16 @@ class LLMTeacher:
         return TeacherCost(self._pairs, spent.prompts, spent.prompt_tokens, spent.generated_tokens)
 
 
+# A teacher's request reads a whole conversation and generates up to 64 tokens, and a batch
+# queues on the server: the LLM stage's 30 s per request timed out on a 2-core llama.cpp server.
+HTTP_TIMEOUT_S = 300.0
+
+
 def load_teacher(spec: str) -> Teacher:
     """``gold:FILE``, or any engine spec the LLM stage accepts."""
     if spec.startswith(GOLD_PREFIX):
         return GoldTeacher(spec.removeprefix(GOLD_PREFIX))
     from models.llm.specs import load_engine
 
-    return LLMTeacher(load_engine(spec))
+    options = {"timeout_s": HTTP_TIMEOUT_S} if spec.strip().startswith("openai:") else {}
+    return LLMTeacher(load_engine(spec, **options))
