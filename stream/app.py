@@ -21,6 +21,7 @@ from agents.store import open_database
 from agents.store.chunks import PgEvidenceStore
 from models.embedder import Embedder, load_embedder
 from stream.config import Settings, redact_url
+from stream.feedback import FeedbackConsumer
 from stream.http import make_app, start_http
 from stream.kafka import ensure_topics
 from stream.metrics import Metrics
@@ -89,6 +90,19 @@ async def build_pipeline(
     return pipeline, models, llm
 
 
+async def _run_with_feedback(service: Service, feedback: FeedbackConsumer) -> None:
+    """The service with the feedback consumer beside it; either one failing stops both."""
+    task = asyncio.create_task(feedback.run(), name="feedback")
+    task.add_done_callback(lambda t: service.stop() if not t.cancelled() and t.exception() else None)
+    try:
+        await service.run()
+    finally:
+        feedback.stop()
+        await asyncio.wait({task})
+    if task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]
+
+
 async def run_service(
     settings: Settings,
     *,
@@ -126,7 +140,7 @@ async def run_service(
                 result = on_running(Running(service, metrics, port))
                 if asyncio.iscoroutine(result):
                     await result
-            await service.run()
+            await _run_with_feedback(service, FeedbackConsumer(settings, pool, metrics))
         finally:
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -198,12 +198,17 @@ COMMANDS = {
     "produce": ("Replay a JSONL(.gz) file of conversations into the input topic.", cmd_produce),
     "tail": ("Print classification events from the output topic.", cmd_tail),
     "dlq": ("Dead letters: `summary` (counts by reason), `replay` (back to the input topic, once each).", cmd_dlq),
-    "train": ("Train per-question heads from labelled conversations.", "agents.learn.train"),
+    "labels": ("Import a file of labels into the labels table (flexor labels import FILE).",
+               "agents.learn.labels_import"),
+    "label": ("Ask a teacher (an LLM, or gold:FILE) to label stored conversations for one question.",
+              "agents.learn.label"),
+    "train": ("Train per-question heads from labelled conversations or from the labels table.",
+              "agents.learn.train"),
     "eval": ("Evaluate the pipeline on labelled conversations and write a report.", "agents.learn.evaluate"),
     "heads": ("Compare two sets of heads offline: heads diff LIVE CANDIDATE --conversations ...",
               "stream.dev.heads_diff"),
     "bench": ("Benchmarks: --e2e (service vs embed-only, reuse on vs off), --compare (baseline vs cascade), --load,"
-              " --llm-throughput.", "stream.bench"),
+              " --llm-throughput, --learn.", "stream.bench"),
 }
 
 
@@ -285,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         target = args._target
         if isinstance(target, str):
+            # Tools under agents/ may not import stream: they get the settings through args.
+            args.settings = lambda: _settings(args)
             _, run = _delegate(target)
             code = run(args)  # type: ignore[operator]
         else:

@@ -64,6 +64,8 @@ class TopicsConfig(BaseModel):
     input: str = "conversations"
     output: str = "classifications"
     dlq: str = "conversations.dlq"
+    # Reviewers' answers (feedback.v1), stored as `human` labels by the service.
+    feedback: str = "classifications.feedback"
     # Used only when the service creates missing topics (--create-topics, flexor up).
     partitions: int = Field(default=4, ge=1)
     replication_factor: int = Field(default=1, ge=1)
@@ -264,6 +266,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "FLEXOR_TOPICS__INPUT": settings.topics.input,
         "FLEXOR_TOPICS__OUTPUT": settings.topics.output,
         "FLEXOR_TOPICS__DLQ": settings.topics.dlq,
+        "FLEXOR_TOPICS__FEEDBACK": settings.topics.feedback,
         "FLEXOR_GROUP_ID": settings.group_id,
         "FLEXOR_QUESTIONS_FILE": str(settings.questions_file),
         "FLEXOR_METRICS_HOST": settings.metrics_host,

@@ -79,6 +79,9 @@ class Metrics:
         self.transactions = Counter(
             "flexor_transactions_total", "Exactly-once batch transactions", ["result"], registry=registry
         )
+        self.feedback = Counter(
+            "flexor_feedback_total", "Feedback records consumed", ["result"], registry=registry
+        )
         self.ready = Gauge("flexor_ready", "1 when Kafka and Postgres are reachable", registry=registry)
         self.dependency_up = Gauge(
             "flexor_dependency_up", "1 while the dependency is reachable", ["dependency"], registry=registry

@@ -11,6 +11,8 @@
            (stream.bench.load).
 --llm-throughput  one LLM engine's prompts/s and tokens/s per batch size, on the device and
            dtype given (stream.bench.llm_throughput).
+--learn    the labelling loop: labels in rounds chosen by uncertainty vs at random, heads trained
+           from the store each round, against heads on every label (stream.bench.learn).
 Results are JSON in --report DIR (bench.json), plus Markdown and PNG where the mode has them.
 """
 
@@ -39,10 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--load", action="store_true", help="fixed-rate load test with lag and memory over time")
     mode.add_argument("--llm-throughput", action="store_true",
                       help="an LLM engine's prompts/s and tokens/s per batch size (--engine, --batch-sizes)")
+    mode.add_argument("--learn", action="store_true",
+                      help="labelling loop: uncertainty vs random label rounds, trained from the store each round")
     p.add_argument("--conversations", type=Path, nargs="+", default=[EXAMPLES / "conversations.jsonl"],
                    help="JSONL(.gz) conversations (conversation.v1 or the labelled-data format)")
     p.add_argument("--questions", type=Path, default=None, help="questions file (default: examples/questions.yaml)")
-    p.add_argument("--answers", type=Path, default=None, help="gold answers (--compare: for macro-F1)")
+    p.add_argument("--answers", type=Path, default=None,
+                   help="gold answers (--compare: for macro-F1; --learn: the teacher and the measure)")
     p.add_argument("--heads", type=Path, default=None,
                    help="trained heads directory (its questions.yaml is the default --questions)")
     p.add_argument("--llm", default=None, help="--e2e/--load: LLM stage engine spec (e.g. openai:http://127.0.0.1:8899)")
@@ -62,14 +67,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--e2e: measure the cost of audit sampling and shadow heads against the same run without")
     p.add_argument("--audit-rate", type=float, default=0.01, help="--monitoring: audit rate of the audited variants")
     p.add_argument("--shadow-heads", type=Path, default=None, help="--monitoring: candidate heads directory")
-    p.add_argument("--rounds", type=int, default=2, help="--monitoring: rounds of the four variants")
-    p.add_argument("--limit", type=int, default=500, help="conversations to use")
+    p.add_argument("--limit", type=int, default=None,
+                   help="conversations to use (default 500; --learn: per file, default all)")
     p.add_argument("--rate", type=float, default=None, help="--load: events per second")
     p.add_argument("--duration", type=float, default=600.0, help="--load: seconds of load")
     p.add_argument("--load-factor", type=float, default=0.8,
                    help="--load without --rate: rate as a fraction of the measured capacity (1.5 = overload)")
     p.add_argument("--drain", type=float, default=60.0,
                    help="--load: seconds after the load with nothing produced, to check nothing is lost")
+    p.add_argument("--rounds", default=None,
+                   help="--monitoring: rounds of the four variants (default 2); --learn: labels per question "
+                        "after each round, comma-separated (default 20,40,70,100,150,200)")
+    p.add_argument("--teacher", default=None, help="--learn: gold:FILE or an LLM engine spec (default: gold:ANSWERS)")
+    p.add_argument("--strategies", default="uncertainty,random", help="--learn: uncertainty and/or random")
+    p.add_argument("--only", nargs="+", default=None, help="--learn: only these question ids")
+    p.add_argument("--seed", type=int, default=13, help="--learn: seed of the random picks and k-means")
     p.add_argument("--report", type=Path, required=True, help="directory for bench.json (and .md / .png)")
 
 
@@ -85,10 +97,20 @@ def write_json(report: Path, data: dict[str, Any]) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.limit < 1:
+    if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be at least 1")
+    if args.learn:
+        from stream.bench.learn import run_learn
+
+        return run_learn(args)
+    if args.limit is None:
+        args.limit = 500
     if args.monitoring and not args.e2e:
         raise ValueError("--monitoring goes with --e2e")
+    try:
+        args.rounds = 2 if args.rounds is None else int(args.rounds)
+    except ValueError:
+        raise ValueError(f"--rounds takes a number of rounds here, not {args.rounds!r}") from None
     if args.rounds < 1:
         raise ValueError("--rounds must be at least 1")
     if args.compare:
@@ -190,6 +212,7 @@ def embedded_settings(stack: Any, name: str, questions: Path | None, **extra: An
             "topics.input": f"{name}-in-{suffix}",
             "topics.output": f"{name}-out-{suffix}",
             "topics.dlq": f"{name}-dlq-{suffix}",
+            "topics.feedback": f"{name}-feedback-{suffix}",
             "group_id": f"{name}-{suffix}",
             "questions_file": questions or EXAMPLES / "questions.yaml",
             "metrics_port": 0,

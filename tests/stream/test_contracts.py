@@ -24,6 +24,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 
 from stream import contracts
 from stream.config import Settings, load_settings
+from stream.feedback import feedback_group
 from stream.headers import CE_HEADERS, CLASSIFICATION_TYPE, DEAD_LETTER_TYPE, service_source
 from stream.kafka import make_producer
 from tests.conftest import EXAMPLES, REPO, Endpoints, fresh_database, make_settings
@@ -253,11 +254,15 @@ def test_asyncapi_document_is_valid_and_matches_the_service() -> None:
     assert doc["version"].startswith("3.")
     defaults = load_settings(None)
     channels = {c["address"]: c for c in doc["channels"]}
-    assert set(channels) == {defaults.topics.input, defaults.topics.output, defaults.topics.dlq}
+    assert set(channels) == {defaults.topics.input, defaults.topics.output, defaults.topics.dlq,
+                             defaults.topics.feedback}
     ops = {o["id"]: o for o in doc["operations"]}
-    (consume,) = [o for o in ops.values() if o["action"] == "receive"]
-    assert consume["channels"] == [defaults.topics.input]
-    assert consume["kafka"]["groupId"]["enum"] == [defaults.group_id]
+    receive = {o["channels"][0]: o for o in ops.values() if o["action"] == "receive"}
+    assert set(receive) == {defaults.topics.input, defaults.topics.feedback}
+    assert receive[defaults.topics.input]["kafka"]["groupId"]["enum"] == [defaults.group_id]
+    assert receive[defaults.topics.feedback]["kafka"]["groupId"]["enum"] == [feedback_group(defaults)]
+    (fb,) = channels[defaults.topics.feedback]["messages"]
+    assert {"answer", "reviewer", "question_version"} <= set(fb["payloadProperties"])
     assert {c for o in ops.values() if o["action"] == "send" for c in o["channels"]} == {
         defaults.topics.output, defaults.topics.dlq}
     (out,) = channels[defaults.topics.output]["messages"]

@@ -33,7 +33,7 @@ def _files() -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from agents import evaluate, train
+    from agents.learn import evaluate, train
 
     root = tmp_path_factory.mktemp("flexor")
     heads, report = root / "heads", root / "report"
@@ -143,7 +143,7 @@ def test_service_wiring_answers_like_eval(trained: tuple[Path, Path]) -> None:
 def test_few_shot_heads_carry_the_question_and_the_words(tmp_path: Path) -> None:
     """`--shots K`: few-shot heads with the lexical part and the question's zero-shot direction,
     taken by flexor eval as the few-shot path."""
-    from agents import evaluate, train
+    from agents.learn import evaluate, train
     from agents.similarity import SimilarityScorer
     from models.embedder import load_embedder
 
