@@ -89,21 +89,26 @@ class Pipeline:
         questions: QuestionSet,
         timer: StageTimer | None = None,
     ) -> BatchResult:
-        def lap(stage: str, since: float) -> float:
-            now = time.perf_counter()
-            if timer is not None:
-                timer(stage, now - since)
-            return now
-
         t = time.perf_counter()
         embedded = await self._in_worker(self._embed_conversations, convs)
-        t = lap("embed", t)
+        t = _lap(timer, "embed", t)
         await self.store.upsert(embedded, self.embedder.model_id)
-        t = lap("store", t)
+        _lap(timer, "store", t)
+        return BatchResult(await self.answer(embedded, questions, timer), embedded)
 
+    async def answer(
+        self,
+        embedded: Sequence[EmbeddedConversation],
+        questions: QuestionSet,
+        timer: StageTimer | None = None,
+    ) -> list[list[Answer]]:
+        """Retrieve evidence and run the cascade for conversations whose chunks are stored already
+        (just upserted by `classify`, or read back from the store by a backfill): the answers of
+        each conversation, in question order, for the questions that apply to it."""
+        t = time.perf_counter()
         plan: list[tuple[Question, list[int]]] = []
         for q in questions.questions:
-            idx = [i for i, c in enumerate(convs) if q.applies(c.metadata) and embedded[i].chunks]
+            idx = [i for i, e in enumerate(embedded) if q.applies(e.conversation.metadata) and e.chunks]
             if idx:
                 plan.append((q, idx))
         queries = await self._in_worker(self._queries, [q for q, _ in plan])
@@ -113,19 +118,26 @@ class Pipeline:
             for i in idx
         ]
         evidence = await self.store.top_k(embedded, queries, requests)
-        t = lap("retrieve", t)
+        t = _lap(timer, "retrieve", t)
 
-        stage1 = await self._in_worker(self._stage1, plan, embedded)
-        t = lap("stage1", t)
+        stage1 = await self._in_worker(self._stage1, plan, list(embedded))
+        t = _lap(timer, "stage1", t)
         per_question, pos = [], 0
         for (q, idx), s1 in zip(plan, stage1, strict=True):
             per_question.append((q, s1, evidence[pos : pos + len(idx)]))
             pos += len(idx)
         decisions = await self.cascade.decide(per_question)
-        lap("cascade", t)
+        _lap(timer, "cascade", t)
 
-        answers: list[list[Answer]] = [[] for _ in convs]
+        answers: list[list[Answer]] = [[] for _ in embedded]
         for (q, idx), (_, _, ev), ds in zip(plan, per_question, decisions, strict=True):
             for i, e, d in zip(idx, ev, ds, strict=True):
                 answers[i].append(Answer(q.id, q.version, d.answer, d.p_yes, d.decided_by, tuple(e)))
-        return BatchResult(answers, embedded)
+        return answers
+
+
+def _lap(timer: StageTimer | None, stage: str, since: float) -> float:
+    now = time.perf_counter()
+    if timer is not None:
+        timer(stage, now - since)
+    return now

@@ -20,6 +20,7 @@ from agents.store import create_pool
 from agents.store.chunks import PgEvidenceStore
 from agents.store.migrate import migrate
 from models.embedder import Embedder, load_embedder
+from stream.backfill import BackfillWorker
 from stream.config import Settings
 from stream.http import make_app, start_http
 from stream.kafka import ensure_topics
@@ -34,6 +35,7 @@ class Running:
     service: Service
     metrics: Metrics
     http_port: int
+    backfill: BackfillWorker
 
 
 def load_heads(settings: Settings, embedder: Embedder) -> tuple[dict[str, Stage1Scorer], str]:
@@ -61,6 +63,23 @@ def load_llm(settings: Settings, metrics: Metrics, pool: asyncpg.Pool | None = N
     )
 
 
+async def _run_with_backfill(service: Service, backfill: BackfillWorker) -> None:
+    """The live service and the backfill worker side by side: a stop request stops both, and a
+    backfill failure stops the service too (and is raised), as a live one would."""
+    task = asyncio.create_task(backfill.run(), name="backfill")
+    task.add_done_callback(lambda t: service.stop() if t.cancelled() or t.exception() else None)
+    try:
+        await service.run()
+    finally:
+        backfill.stop()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=30)
+        except TimeoutError:
+            log.warning("backfill item in hand did not finish within 30 s: abandoned uncommitted")
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 async def run_service(
     settings: Settings,
     *,
@@ -82,7 +101,7 @@ async def run_service(
     try:
         if create_topics:
             t = settings.topics
-            await ensure_topics(settings.kafka, [t.input, t.output, t.dlq], t.partitions)
+            await ensure_topics(settings.kafka, [t.input, t.output, t.dlq, t.backfill], t.partitions)
         embedder = await asyncio.to_thread(load_embedder, settings.models.embedder)
         heads, heads_version = await asyncio.to_thread(load_heads, settings, embedder)
         llm = await asyncio.to_thread(load_llm, settings, metrics, pool)
@@ -90,6 +109,7 @@ async def run_service(
         pipeline = Pipeline(embedder, PgEvidenceStore(pool), cascade)
         models = {"embedder": embedder.model_id, "heads": heads_version, "llm": llm.model_id if llm else "none"}
         service = Service(settings, pipeline, questions, pool, metrics, models)
+        backfill = BackfillWorker(settings, pipeline, questions, pool, metrics, models)
 
         app = make_app(registry, lambda: {"kafka": service.kafka_ok, "postgres": service.postgres_ok})
         runner, port = await start_http(app, settings.metrics_host, settings.metrics_port)
@@ -101,10 +121,10 @@ async def run_service(
         log.info("service starting: metrics on http://%s:%d/metrics", settings.metrics_host, port)
         try:
             if on_running is not None:
-                result = on_running(Running(service, metrics, port))
+                result = on_running(Running(service, metrics, port, backfill))
                 if asyncio.iscoroutine(result):
                     await result
-            await service.run()
+            await _run_with_backfill(service, backfill)
         finally:
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

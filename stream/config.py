@@ -60,6 +60,8 @@ class TopicsConfig(BaseModel):
     input: str = "conversations"
     output: str = "classifications"
     dlq: str = "conversations.dlq"
+    # Backfill work items (`flexor backfill`), consumed by every replica in its own group.
+    backfill: str = "conversations.backfill"
     # Used only when the service creates missing topics (--create-topics, flexor up).
     partitions: int = Field(default=4, ge=1)
     replication_factor: int = Field(default=1, ge=1)
@@ -72,6 +74,17 @@ class BatchConfig(BaseModel):
     max_wait_ms: int = Field(default=200, ge=1)
     # Records fetched but not yet committed; above it the consumer pauses its partitions.
     max_in_flight: int = Field(default=512, ge=1)
+
+
+class BackfillConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Conversations per second that one replica backfills at most, so live traffic keeps its
+    # latency (0 = no limit).
+    max_rate: float = Field(default=100.0, ge=0.0)
+    # Conversations per work item that `flexor backfill` enqueues; a replica answers an item as
+    # one batch, and a crash repeats at most the item in hand.
+    item_size: int = Field(default=64, ge=1, le=1000)
 
 
 class LimitsConfig(BaseModel):
@@ -101,6 +114,7 @@ class Settings(BaseSettings):
     topics: TopicsConfig = TopicsConfig()
     group_id: str = "flexor-stream"
     batch: BatchConfig = BatchConfig()
+    backfill: BackfillConfig = BackfillConfig()
     limits: LimitsConfig = LimitsConfig()
     models: ModelsConfig = ModelsConfig()
     questions_file: Path = Path("examples/questions.yaml")
@@ -216,6 +230,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "FLEXOR_TOPICS__INPUT": settings.topics.input,
         "FLEXOR_TOPICS__OUTPUT": settings.topics.output,
         "FLEXOR_TOPICS__DLQ": settings.topics.dlq,
+        "FLEXOR_TOPICS__BACKFILL": settings.topics.backfill,
+        "FLEXOR_BACKFILL__MAX_RATE": str(settings.backfill.max_rate),
         "FLEXOR_GROUP_ID": settings.group_id,
         "FLEXOR_QUESTIONS_FILE": str(settings.questions_file),
         "FLEXOR_METRICS_HOST": settings.metrics_host,

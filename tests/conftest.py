@@ -96,6 +96,7 @@ def settings(infra: Endpoints, database: str) -> Settings:
             "topics.input": f"conversations-{suffix}",
             "topics.output": f"classifications-{suffix}",
             "topics.dlq": f"dlq-{suffix}",
+            "topics.backfill": f"backfill-{suffix}",
             "topics.partitions": 4,
             "group_id": f"group-{suffix}",
             "questions_file": EXAMPLES / "questions.yaml",

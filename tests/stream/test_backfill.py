@@ -1,0 +1,223 @@
+"""Backfill on the real broker and Postgres: conversations classified under one question set get,
+after a question is added, exactly one more event_id per revision (the new question set's), with
+the earlier answers carried over and the new question answered as a fresh classification would
+answer it; a rerun adds nothing, and a replica killed mid-job loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+import yaml
+
+from agents.cascade import Cascade
+from agents.evidence import MemoryEvidenceStore
+from agents.pipeline import Pipeline
+from agents.questions import QuestionSet, load_questions
+from agents.similarity import SimilarityScorer
+from agents.store import create_pool
+from agents.store.backfill import BackfillJobs
+from stream.backfill_command import enqueue, follow
+from stream.config import Settings
+from stream.dev.produce import load_conversations
+from stream.schemas import classification_event_id, decode_conversation
+from tests.conftest import EXAMPLES
+from tests.harness import (
+    classification_rows,
+    count_rows,
+    kill9,
+    metric,
+    produce,
+    read_topic,
+    revision_key,
+    running_service,
+    start_serve,
+    wait_until,
+)
+
+QUESTIONS: list[dict[str, Any]] = yaml.safe_load((EXAMPLES / "questions.yaml").read_text())["questions"]
+NEW = "refund_request"
+
+
+def _write_questions(path: Path, items: list[dict[str, Any]]) -> QuestionSet:
+    path.write_text(yaml.safe_dump({"questions": items}))
+    return load_questions(path)
+
+
+def _before() -> list[dict[str, Any]]:
+    return [q for q in QUESTIONS if q["id"] != NEW]
+
+
+def _after(applies_to: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{**q, "applies_to": applies_to} if q["id"] == NEW else q for q in QUESTIONS]
+
+
+def _with(settings: Settings, questions: Path, **backfill: Any) -> Settings:
+    return settings.model_copy(update={
+        "questions_file": questions,
+        "backfill": settings.backfill.model_copy(update=backfill),
+        "batch": settings.batch.model_copy(update={"max_events": 8}),
+    })
+
+
+async def _outputs(settings: Settings) -> dict[tuple[str, str, int], dict[str, dict[str, Any]]]:
+    """Output events by revision, then by event_id (duplicates of one event_id collapse)."""
+    out: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in await read_topic(settings, settings.topics.output):
+        ev = orjson.loads(r.value)
+        out[revision_key(ev)][ev["event_id"]] = ev
+    return out
+
+
+def _check_backfilled(
+    settings: Settings, inputs: list[dict[str, Any]], outputs: dict[tuple[str, str, int], dict[str, dict[str, Any]]],
+    rows: list[dict[str, Any]], before: QuestionSet, after: QuestionSet, expected: set[tuple[str, str, int]],
+) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Every revision in `expected` has exactly two event_ids, the live one under `before` and the
+    backfilled one under `after`, and the others only the live one; Postgres holds the same events.
+    Returns the backfilled events by revision."""
+    assert set(outputs) == {revision_key(e) for e in inputs}
+    backfilled = {}
+    for key, events in outputs.items():
+        live = [ev for ev in events.values() if ev["source"]["topic"] == settings.topics.input]
+        assert len(live) == 1, f"{key}: {len(live)} live event_ids"
+        models = live[0]["models"]
+        assert live[0]["event_id"] == classification_event_id(*key, before.version, models)
+        others = [ev for ev in events.values() if ev is not live[0]]
+        if key in expected:
+            assert len(others) == 1, f"{key}: {len(others)} backfilled event_ids"
+            assert others[0]["event_id"] == classification_event_id(*key, after.version, models)
+            backfilled[key] = others[0]
+        else:
+            assert not others, f"{key} was backfilled though the new question does not apply to it"
+    by_id = {r["event_id"]: r["event"] for r in rows}
+    for events in outputs.values():
+        for event_id, ev in events.items():
+            assert by_id[event_id]["answers"] == ev["answers"]
+    assert len(by_id) == sum(len(v) for v in outputs.values()), "Postgres has rows the topic lacks"
+    return backfilled
+
+
+async def test_backfill_answers_the_new_question_once_like_a_fresh_classification(
+    settings: Settings, tmp_path: Path
+) -> None:
+    inputs = load_conversations(EXAMPLES / "conversations.jsonl")[:24]
+    qfile = tmp_path / "questions.yaml"
+    before = _write_questions(qfile, _before())
+    settings = _with(settings, qfile, max_rate=0)
+    async with running_service(settings) as running:
+        await produce(settings, inputs)
+        await wait_until(lambda: _rows(settings, len(inputs)), 120, "the live classifications")
+        after = _write_questions(qfile, _after({"channel": ["chat", "email"]}))
+        pool = await create_pool(settings.database_url.get_secret_value(), max_size=2)
+        try:
+            jobs = BackfillJobs(pool)
+            job = await enqueue(settings, pool, after.version, [after.by_id()[NEW]])
+            done = await asyncio.wait_for(follow(jobs, job, settings.topics.backfill, poll_s=0.2), 120)
+            rerun = await enqueue(settings, pool, after.version, [after.by_id()[NEW]])
+            rerun_progress = await jobs.progress(rerun)
+        finally:
+            await pool.close()
+        # A live replay of a backfilled revision is the same event under the same rules: skipped.
+        await produce(settings, [e for e in inputs if e["metadata"]["channel"] == "chat"][:1])
+        await wait_until(lambda: _skipped(running.metrics.registry), 60, "the replay to be skipped")
+        published = metric(running.metrics.registry, "flexor_backfill_conversations_total", {"result": "published"})
+        embedder = running.service.pipeline.embedder
+
+    expected = {revision_key(e) for e in _latest(inputs) if e["metadata"]["channel"] in ("chat", "email")}
+    assert 0 < len(expected) < len(inputs)
+    assert (done.conversations, done.conversations_done, done.published) == (len(expected),) * 3
+    assert rerun_progress is not None and (rerun_progress.items, rerun_progress.done) == (0, True)
+    assert published == len(expected)
+    outputs = await _outputs(settings)
+    rows = await classification_rows(settings)
+    backfilled = _check_backfilled(settings, inputs, outputs, rows, before, after, expected)
+
+    # The earlier answers are carried over; the new one sits in question order.
+    for key, ev in backfilled.items():
+        (live,) = [e for e in outputs[key].values() if e is not ev]
+        assert [a["question_id"] for a in ev["answers"]] == [q.id for q in after.questions]
+        assert [a for a in ev["answers"] if a["question_id"] != NEW] == live["answers"]
+
+    # The new answers equal a fresh classification's: embedded again from the text, evidence
+    # ranked in memory (not the stored vectors, not pgvector).
+    convs = [decode_conversation(orjson.dumps(e), settings.limits).to_conversation()
+             for e in inputs if revision_key(e) in expected]
+    fresh = await Pipeline(embedder, MemoryEvidenceStore(), Cascade(SimilarityScorer(embedder))).classify(
+        convs, QuestionSet(questions=[after.by_id()[NEW]])
+    )
+    for conv, (answer,) in zip(convs, fresh.answers, strict=True):
+        (got,) = [a for a in backfilled[(conv.tenant_id, conv.conversation_id, conv.revision)]["answers"]
+                  if a["question_id"] == NEW]
+        assert got["p_yes"] == pytest.approx(answer.p_yes, abs=1e-3)
+        assert got["answer"] == answer.answer
+        assert [e["chunk_id"] for e in got["evidence"]] == [e.chunk_id for e in answer.evidence]
+        np.testing.assert_allclose([e["score"] for e in got["evidence"]], [e.score for e in answer.evidence],
+                                   atol=1e-3)
+
+
+def _latest(inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The newest revision of each conversation: the one stored, so the one a backfill answers."""
+    newest: dict[tuple[str, str], dict[str, Any]] = {}
+    for e in inputs:
+        k = (e["tenant_id"], e["conversation_id"])
+        if k not in newest or newest[k]["revision"] < e["revision"]:
+            newest[k] = e
+    return list(newest.values())
+
+
+async def _rows(settings: Settings, n: int) -> bool:
+    return await count_rows(settings) >= n
+
+
+async def _skipped(registry: Any) -> bool:
+    return metric(registry, "flexor_events_skipped_total", {"reason": "duplicate"}) >= 1
+
+
+@pytest.mark.faults
+async def test_backfill_survives_a_replica_killed_mid_job(settings: Settings, tmp_path: Path) -> None:
+    inputs = load_conversations(EXAMPLES / "conversations.jsonl")[:32]
+    qfile = tmp_path / "questions.yaml"
+    before = _write_questions(qfile, _before())
+    # Slow enough (8 conversations per second, 4 per item) for the kill to land mid-job.
+    settings = _with(settings, qfile, max_rate=8, item_size=4)
+    async with running_service(settings):
+        await produce(settings, inputs)
+        await wait_until(lambda: _rows(settings, len(inputs)), 120, "the live classifications")
+    after = _write_questions(qfile, _after({}))
+    pool = await create_pool(settings.database_url.get_secret_value(), max_size=2)
+    try:
+        jobs = BackfillJobs(pool)
+        job = await enqueue(settings, pool, after.version, [after.by_id()[NEW]])
+
+        async def items_done(n: int) -> bool:
+            p = await jobs.progress(job)
+            return p is not None and p.items_done >= n
+
+        proc = start_serve(settings, tmp_path / "serve1.log")
+        try:
+            await wait_until(lambda: items_done(2), 120, "backfill progress before the kill")
+        finally:
+            kill9(proc)
+        at_kill = await jobs.progress(job)
+        stored = _latest(inputs)
+        assert at_kill is not None and at_kill.items_done < at_kill.items == -(-len(stored) // 4), "kill mid-job"
+
+        proc = start_serve(settings, tmp_path / "serve2.log")
+        try:
+            done = await asyncio.wait_for(follow(jobs, job, settings.topics.backfill, poll_s=0.2), 180)
+        finally:
+            proc.terminate()
+            await asyncio.to_thread(proc.wait, 60)
+        assert proc.returncode == 0, (tmp_path / "serve2.log").read_text()[-2000:]
+    finally:
+        await pool.close()
+    assert done.conversations_done == len(stored)
+    outputs = await _outputs(settings)
+    _check_backfilled(settings, inputs, outputs, await classification_rows(settings), before, after,
+                      {revision_key(e) for e in stored})
