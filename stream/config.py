@@ -86,6 +86,15 @@ class BackfillConfig(BaseModel):
     # one batch, and a crash repeats at most the item in hand.
     item_size: int = Field(default=64, ge=1, le=1000)
 
+    @model_validator(mode="after")
+    def _items_keep_coming(self) -> BackfillConfig:
+        # A replica waits item_size / max_rate between items without polling; waits near
+        # kafka.max_poll_interval_ms would cost it its place in the consumer group.
+        if self.max_rate and self.item_size / self.max_rate > 60:
+            raise ValueError("backfill.item_size / backfill.max_rate must be at most 60 seconds: "
+                             "raise max_rate or lower item_size")
+        return self
+
 
 class LimitsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")

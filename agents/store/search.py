@@ -17,7 +17,7 @@ import numpy as np
 
 DEFAULT_EF_SEARCH = 200
 
-_SEARCH_SQL = """
+SEARCH_SQL = """
 SELECT tenant_id, conversation_id, revision, chunk_id, turn_ids, char_start, char_end, text,
        1 - (embedding <=> $1) AS score
 FROM chunks
@@ -72,7 +72,7 @@ class CorpusSearch:
                 # The candidate list must hold at least k (pgvector caps ef_search at 1000).
                 await conn.execute("SELECT set_config('hnsw.ef_search', $1, true)", str(min(1000, max(ef_search, k))))
                 await conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
-            rows = await conn.fetch(_SEARCH_SQL, np.asarray(query, np.float32), embedder_id, tenant_id, k)
+            rows = await conn.fetch(SEARCH_SQL, np.asarray(query, np.float32), embedder_id, tenant_id, k)
         return [
             Hit(r["tenant_id"], r["conversation_id"], r["revision"], r["chunk_id"], tuple(r["turn_ids"]),
                 r["char_start"], r["char_end"], r["text"], float(r["score"]))

@@ -6,6 +6,8 @@
            on the same engine and conversations (stream.bench.compare).
 --load     fixed-rate load for a duration: throughput, latency, lag and RSS over time
            (stream.bench.load).
+--backfill backfill of a question added after streaming vs the streaming path, live latency
+           during a backfill, and corpus search recall and latency (stream.bench.backfill).
 Results are JSON in --report DIR (bench.json), plus Markdown and PNG where the mode has them.
 """
 
@@ -30,13 +32,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--e2e", action="store_true", help="service throughput vs embed-only, and latency")
     mode.add_argument("--compare", action="store_true", help="seed baseline vs cascade on one LLM engine")
     mode.add_argument("--load", action="store_true", help="fixed-rate load test with lag and memory over time")
+    mode.add_argument("--backfill", action="store_true",
+                      help="backfill vs streaming conv/s, live latency during a backfill, corpus search recall")
     p.add_argument("--conversations", type=Path, nargs="+", default=[EXAMPLES / "conversations.jsonl"],
                    help="JSONL(.gz) conversations (conversation.v1 or the labelled-data format)")
     p.add_argument("--questions", type=Path, default=None, help="questions file (default: examples/questions.yaml)")
-    p.add_argument("--answers", type=Path, default=None, help="gold answers (--compare: for macro-F1)")
+    p.add_argument("--answers", type=Path, default=None,
+                   help="gold answers (--compare: for macro-F1; --backfill: F1 of the backfilled question)")
     p.add_argument("--heads", type=Path, default=None, help="trained heads directory")
     p.add_argument("--engine", default="hf-tiny", help="LLM engine spec for --compare")
-    p.add_argument("--limit", type=int, default=500, help="conversations to use")
+    p.add_argument("--limit", type=int, default=500,
+                   help="conversations to use (--backfill: per file, streamed and backfilled; search uses all)")
     p.add_argument("--rate", type=float, default=None, help="--load: events per second")
     p.add_argument("--duration", type=float, default=600.0, help="--load: seconds of load")
     p.add_argument("--load-factor", type=float, default=0.8,
@@ -68,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
         from stream.bench.load import run_load
 
         return run_load(args)
+    if args.backfill:
+        from stream.bench.backfill import run_backfill_bench
+
+        return run_backfill_bench(args)
     from stream.bench.e2e import run_e2e
 
     return run_e2e(args)
@@ -87,6 +97,7 @@ def embedded_settings(stack: Any, name: str, questions: Path | None, **extra: An
             "topics.input": f"{name}-in-{suffix}",
             "topics.output": f"{name}-out-{suffix}",
             "topics.dlq": f"{name}-dlq-{suffix}",
+            "topics.backfill": f"{name}-backfill-{suffix}",
             "group_id": f"{name}-{suffix}",
             "questions_file": questions or EXAMPLES / "questions.yaml",
             "metrics_port": 0,

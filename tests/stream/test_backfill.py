@@ -6,6 +6,7 @@ answer it; a rerun adds nothing, and a replica killed mid-job loses nothing."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,11 @@ from agents.questions import QuestionSet, load_questions
 from agents.similarity import SimilarityScorer
 from agents.store import create_pool
 from agents.store.backfill import BackfillJobs
+from stream.backfill import Pacer, decode_item, encode_item
 from stream.backfill_command import enqueue, follow
-from stream.config import Settings
+from stream.config import ConfigError, Settings, load_settings
 from stream.dev.produce import load_conversations
-from stream.schemas import classification_event_id, decode_conversation
+from stream.schemas import InvalidEvent, classification_event_id, decode_conversation
 from tests.conftest import EXAMPLES
 from tests.harness import (
     classification_rows,
@@ -114,6 +116,7 @@ async def test_backfill_answers_the_new_question_once_like_a_fresh_classificatio
         await produce(settings, inputs)
         await wait_until(lambda: _rows(settings, len(inputs)), 120, "the live classifications")
         after = _write_questions(qfile, _after({"channel": ["chat", "email"]}))
+        await produce(settings, [b"not a work item"], topic=settings.topics.backfill)
         pool = await create_pool(settings.database_url.get_secret_value(), max_size=2)
         try:
             jobs = BackfillJobs(pool)
@@ -127,6 +130,7 @@ async def test_backfill_answers_the_new_question_once_like_a_fresh_classificatio
         await produce(settings, [e for e in inputs if e["metadata"]["channel"] == "chat"][:1])
         await wait_until(lambda: _skipped(running.metrics.registry), 60, "the replay to be skipped")
         published = metric(running.metrics.registry, "flexor_backfill_conversations_total", {"result": "published"})
+        invalid = metric(running.metrics.registry, "flexor_backfill_items_total", {"result": "invalid"})
         embedder = running.service.pipeline.embedder
 
     expected = {revision_key(e) for e in _latest(inputs) if e["metadata"]["channel"] in ("chat", "email")}
@@ -134,6 +138,10 @@ async def test_backfill_answers_the_new_question_once_like_a_fresh_classificatio
     assert (done.conversations, done.conversations_done, done.published) == (len(expected),) * 3
     assert rerun_progress is not None and (rerun_progress.items, rerun_progress.done) == (0, True)
     assert published == len(expected)
+    (dead,) = await read_topic(settings, settings.topics.dlq)
+    assert dead.value == b"not a work item" and invalid == 1
+    assert dict(dead.headers)["error.reason"] == b"not_json"
+    assert dict(dead.headers)["source.topic"] == settings.topics.backfill.encode()
     outputs = await _outputs(settings)
     rows = await classification_rows(settings)
     backfilled = _check_backfilled(settings, inputs, outputs, rows, before, after, expected)
@@ -221,3 +229,47 @@ async def test_backfill_survives_a_replica_killed_mid_job(settings: Settings, tm
     outputs = await _outputs(settings)
     _check_backfilled(settings, inputs, outputs, await classification_rows(settings), before, after,
                       {revision_key(e) for e in stored})
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{", "not_json"),
+        (b"[]", "not_object"),
+        (b'{"schema": "conversation.v1"}', "unknown_schema"),
+        (b'{"schema": "backfill.v1", "job_id": "j", "item": 0, "question_set": "v", "conversations": []}',
+         "invalid_fields"),
+        (b'{"schema": "backfill.v1", "job_id": "j", "item": 0, "question_set": "v", "conversations": [["t"]]}',
+         "invalid_fields"),
+    ],
+)
+def test_bad_work_items_are_refused_with_a_reason(raw: bytes, reason: str) -> None:
+    with pytest.raises(InvalidEvent) as e:
+        decode_item(raw)
+    assert e.value.reason.value == reason
+
+
+def test_a_work_item_round_trips() -> None:
+    item = decode_item(encode_item("j1", 3, "abc", [("acme", "c-1"), ("beta", "c-2")]))
+    assert (item.job_id, item.item, item.question_set, item.conversations) == (
+        "j1", 3, "abc", [["acme", "c-1"], ["beta", "c-2"]])
+
+
+async def test_the_pacer_spaces_items_and_gives_way_to_a_stop() -> None:
+    pacer, stopping = Pacer(100), asyncio.Event()
+    t0 = time.monotonic()
+    for _ in range(3):
+        assert await pacer.take(10, stopping)
+    assert time.monotonic() - t0 >= 0.2  # 30 conversations at 100/s: the 2nd and 3rd wait 0.1 s each
+    slow = Pacer(1)
+    assert await slow.take(50, stopping)
+    asyncio.get_running_loop().call_later(0.1, stopping.set)
+    t0 = time.monotonic()
+    assert not await slow.take(1, stopping)  # would wait 50 s
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_rate_too_low_for_the_item_size_is_refused() -> None:
+    with pytest.raises(ConfigError, match="at most 60 seconds"):
+        load_settings(None, **{"backfill.max_rate": 1, "backfill.item_size": 64})
+    assert load_settings(None, **{"backfill.max_rate": 0, "backfill.item_size": 1000}).backfill.max_rate == 0
