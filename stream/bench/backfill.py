@@ -3,6 +3,9 @@ on the whole corpus.
 
 1. Stream: the service (embedded broker + Postgres) classifies the conversations with every
    question but the last; conversations/s from the first produce to the last output event.
+   It runs twice: first without the HNSW index of corpus search (that run also warms up), then,
+   on new revisions, with it, as the service runs in production; the second run is the one
+   backfill is compared with, and the pair is the index's cost on the live path.
 2. Backfill: the last question is added to the questions file and `flexor backfill`'s enqueue
    runs for it; conversations/s from the start of the scan until the job is done (rate limit off:
    this measures capacity). Nothing is embedded again. With gold answers, the backfilled
@@ -108,6 +111,7 @@ async def _service_phases(
 ) -> dict[str, Any]:
     from agents.store import create_pool
     from agents.store.backfill import BackfillJobs
+    from agents.store.migrate import MIGRATIONS_DIR
     from stream.app import Running, run_service
     from stream.backfill import Pacer
     from stream.backfill_command import enqueue, follow
@@ -134,13 +138,12 @@ async def _service_phases(
     pool = await create_pool(settings.database_url.get_secret_value(), max_size=2)
     jobs = BackfillJobs(pool)
     try:
-        # 1. Streaming, with every question but the held-out one.
-        keys = {(e["conversation_id"], e["revision"]) for e in events}
-        t0 = time.monotonic()
-        await produce_events(producer, t.input, events)
-        await watcher.wait_for(keys, 3600)
-        stream_s = max(watcher.arrived[k] for k in keys) - t0
-        stream_rate = len(keys) / stream_s
+        # 1. Streaming, with every question but the held-out one: without the HNSW index, then with it.
+        await pool.execute("DROP INDEX chunks_embedding_hnsw")
+        without_index_rate, _, _ = await _stream(producer, watcher, t.input, events, 0)
+        async with pool.acquire() as c, c.transaction():
+            await c.execute((MIGRATIONS_DIR / "005_chunks_hnsw.sql").read_text())
+        stream_rate, stream_s, keys = await _stream(producer, watcher, t.input, events, 10)
 
         # 2. Backfill of the held-out question, rate limit off.
         after = _write(qfile, qset.questions)
@@ -154,12 +157,12 @@ async def _service_phases(
         # 3. Live latency at half the streaming rate: alone, then during a backfill at the default rate.
         rate = stream_rate / 2
         sample = events[:LATENCY_EVENTS]
-        alone = await _latency(producer, watcher, t.input, sample, 1, rate)
+        alone = await _latency(producer, watcher, t.input, sample, 20, rate)
         bumped = _write(qfile, [*qset.questions[:-1], held.model_copy(update={"version": held.version + 1})])
         default_rate = BackfillConfig().max_rate
         running.backfill.pacer = Pacer(default_rate)
         job2 = asyncio.create_task(enqueue(settings, pool, bumped.version, [bumped.questions[-1]]))
-        during = await _latency(producer, watcher, t.input, sample, 2, rate)
+        during = await _latency(producer, watcher, t.input, sample, 30, rate)
         job2_progress = await jobs.progress(await job2)
     finally:
         await pool.close()
@@ -179,6 +182,7 @@ async def _service_phases(
             "seconds": backfill_s,
             "stream_conversations": len(keys),
             "stream_seconds": stream_s,
+            "stream_conversations_per_s_without_hnsw_index": without_index_rate,
             **({"f1_vs_gold": f1} if f1 is not None else {}),
         },
         "live": {
@@ -196,6 +200,20 @@ async def _service_phases(
                      "heads": str(settings.models.heads_dir) if settings.models.heads_dir else "none",
                      "item_size": settings.backfill.item_size, "partitions": t.partitions},
     }
+
+
+async def _stream(
+    producer: Any, watcher: Any, topic: str, events: list[dict[str, Any]], bump: int
+) -> tuple[float, float, set[tuple[str, int]]]:
+    """Produce every event at once (revisions moved up by `bump`); (conversations/s, seconds, keys)
+    from the first send to the last output event."""
+    revised = [dict(e, revision=e["revision"] + bump, event_id=f"{e['event_id']}:+{bump}") for e in events]
+    keys = {(e["conversation_id"], e["revision"]) for e in revised}
+    t0 = time.monotonic()
+    await produce_events(producer, topic, revised)
+    await watcher.wait_for(keys, 3600)
+    seconds = max(watcher.arrived[k] for k in keys) - t0
+    return len(keys) / seconds, seconds, keys
 
 
 async def _latency(
