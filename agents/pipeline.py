@@ -17,7 +17,7 @@ import numpy as np
 
 from agents.cascade import Cascade, Stage1Result
 from agents.chunking import chunk_turns
-from agents.evidence import EvidenceRequest, EvidenceStore
+from agents.evidence import EvidenceRequest, EvidenceStore, rank_in_memory
 from agents.questions import Question, QuestionSet
 from agents.types import Answer, Conversation, EmbeddedConversation
 from models.embedder import Embedder
@@ -101,10 +101,15 @@ class Pipeline:
         embedded: Sequence[EmbeddedConversation],
         questions: QuestionSet,
         timer: StageTimer | None = None,
+        evidence_in_memory: bool = False,
     ) -> list[list[Answer]]:
         """Retrieve evidence and run the cascade for conversations whose chunks are stored already
         (just upserted by `classify`, or read back from the store by a backfill): the answers of
-        each conversation, in question order, for the questions that apply to it."""
+        each conversation, in question order, for the questions that apply to it.
+
+        `evidence_in_memory` ranks the conversations' own vectors in the worker thread instead of
+        asking the store: the same ranking, without a database round trip per question (for
+        conversations loaded with their stored vectors)."""
         t = time.perf_counter()
         plan: list[tuple[Question, list[int]]] = []
         for q in questions.questions:
@@ -117,7 +122,10 @@ class Pipeline:
             for qi, (q, idx) in enumerate(plan)
             for i in idx
         ]
-        evidence = await self.store.top_k(embedded, queries, requests)
+        if evidence_in_memory:
+            evidence = await self._in_worker(rank_in_memory, embedded, queries, requests)
+        else:
+            evidence = await self.store.top_k(embedded, queries, requests)
         t = _lap(timer, "retrieve", t)
 
         stage1 = await self._in_worker(self._stage1, plan, list(embedded))

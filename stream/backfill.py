@@ -287,7 +287,9 @@ class BackfillWorker:
         computed: list[list[dict[str, Any]]] = [[] for _ in todo]
         if missing:
             subset = QuestionSet(questions=[q for q in qset.questions if q.id in missing])
-            answers = await self.pipeline.answer(todo, subset)
+            # The stored vectors are in memory already: rank them there (pgvector's order), which
+            # keeps a backfill's retrieval off the database that live traffic uses.
+            answers = await self.pipeline.answer(todo, subset, evidence_in_memory=True)
             computed = [[a.as_dict() for a in row] for row in answers]
         events = []
         latency_ms = int((time.monotonic() - started) * 1000)

@@ -17,12 +17,12 @@ import pytest
 import yaml
 
 from agents.cascade import Cascade
-from agents.evidence import MemoryEvidenceStore
 from agents.pipeline import Pipeline
 from agents.questions import QuestionSet, load_questions
 from agents.similarity import SimilarityScorer
 from agents.store import create_pool
 from agents.store.backfill import BackfillJobs
+from agents.store.chunks import PgEvidenceStore
 from stream.backfill import Pacer, decode_item, encode_item
 from stream.backfill_command import enqueue, follow
 from stream.config import ConfigError, Settings, load_settings
@@ -152,13 +152,16 @@ async def test_backfill_answers_the_new_question_once_like_a_fresh_classificatio
         assert [a["question_id"] for a in ev["answers"]] == [q.id for q in after.questions]
         assert [a for a in ev["answers"] if a["question_id"] != NEW] == live["answers"]
 
-    # The new answers equal a fresh classification's: embedded again from the text, evidence
-    # ranked in memory (not the stored vectors, not pgvector).
+    # The new answers equal the live path's: embedded again from the text, stored again (the same
+    # rows), evidence retrieved by pgvector.
     convs = [decode_conversation(orjson.dumps(e), settings.limits).to_conversation()
-             for e in inputs if revision_key(e) in expected]
-    fresh = await Pipeline(embedder, MemoryEvidenceStore(), Cascade(SimilarityScorer(embedder))).classify(
-        convs, QuestionSet(questions=[after.by_id()[NEW]])
-    )
+             for e in _latest(inputs) if revision_key(e) in expected]
+    pool = await create_pool(settings.database_url.get_secret_value(), max_size=2)
+    try:
+        live_path = Pipeline(embedder, PgEvidenceStore(pool), Cascade(SimilarityScorer(embedder)))
+        fresh = await live_path.classify(convs, QuestionSet(questions=[after.by_id()[NEW]]))
+    finally:
+        await pool.close()
     for conv, (answer,) in zip(convs, fresh.answers, strict=True):
         (got,) = [a for a in backfilled[(conv.tenant_id, conv.conversation_id, conv.revision)]["answers"]
                   if a["question_id"] == NEW]
