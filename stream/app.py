@@ -16,12 +16,11 @@ from agents.pipeline import Pipeline
 from agents.questions import QuestionRegistry
 from agents.scoring import Stage1Scorer
 from agents.similarity import SimilarityScorer
-from agents.store import create_pool
+from agents.store import open_database
 from agents.store.chunks import PgEvidenceStore
-from agents.store.migrate import migrate
 from models.embedder import Embedder, load_embedder
 from stream.backfill import BackfillWorker
-from stream.config import Settings
+from stream.config import Settings, redact_url
 from stream.http import make_app, start_http
 from stream.kafka import ensure_topics
 from stream.metrics import Metrics
@@ -80,6 +79,20 @@ async def _run_with_backfill(service: Service, backfill: BackfillWorker) -> None
             await asyncio.gather(task, return_exceptions=True)
 
 
+async def build_pipeline(
+    settings: Settings, metrics: Metrics, pool: asyncpg.Pool
+) -> tuple[Pipeline, dict[str, str], LLMStage | None]:
+    """The pipeline and cascade the settings describe (models load in worker threads), the model
+    ids that go into every event, and the LLM stage (to close) if there is one."""
+    embedder = await asyncio.to_thread(load_embedder, settings.models.embedder)
+    heads, heads_version = await asyncio.to_thread(load_heads, settings, embedder)
+    llm = await asyncio.to_thread(load_llm, settings, metrics, pool)
+    cascade = Cascade(SimilarityScorer(embedder), heads, llm)
+    pipeline = Pipeline(embedder, PgEvidenceStore(pool), cascade)
+    models = {"embedder": embedder.model_id, "heads": heads_version, "llm": llm.model_id if llm else "none"}
+    return pipeline, models, llm
+
+
 async def run_service(
     settings: Settings,
     *,
@@ -91,23 +104,13 @@ async def run_service(
     registry = registry or CollectorRegistry()
     metrics = Metrics(registry)
     questions = QuestionRegistry(settings.questions_file)
-    # Migrations first, on their own connection: the pool's connections need the vector type.
-    conn = await asyncpg.connect(settings.database_url.get_secret_value())
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    pool = await create_pool(settings.database_url.get_secret_value())
+    dsn = settings.database_url.get_secret_value()
+    pool = await open_database(dsn, where=redact_url(dsn))
     try:
         if create_topics:
             t = settings.topics
             await ensure_topics(settings.kafka, [t.input, t.output, t.dlq, t.backfill], t.partitions)
-        embedder = await asyncio.to_thread(load_embedder, settings.models.embedder)
-        heads, heads_version = await asyncio.to_thread(load_heads, settings, embedder)
-        llm = await asyncio.to_thread(load_llm, settings, metrics, pool)
-        cascade = Cascade(SimilarityScorer(embedder), heads, llm)
-        pipeline = Pipeline(embedder, PgEvidenceStore(pool), cascade)
-        models = {"embedder": embedder.model_id, "heads": heads_version, "llm": llm.model_id if llm else "none"}
+        pipeline, models, llm = await build_pipeline(settings, metrics, pool)
         service = Service(settings, pipeline, questions, pool, metrics, models)
         backfill = BackfillWorker(settings, pipeline, questions, pool, metrics, models)
 

@@ -44,6 +44,7 @@ from agents.store.conversations import ConversationsTable, Key, StoreMismatch
 from agents.types import EmbeddedConversation
 from stream.config import Settings
 from stream.dlq import DeadLetters
+from stream.headers import classification_headers
 from stream.intake import BACKOFF_MAX_S, BACKOFF_START_S, Fetched
 from stream.kafka import make_consumer, make_producer
 from stream.metrics import Metrics
@@ -225,7 +226,12 @@ class BackfillWorker:
         events = await self._still_current(events)
         if events:
             futures = [
-                await producer.send(self.settings.topics.output, encode(ev), key=ev["conversation_id"].encode())
+                await producer.send(
+                    self.settings.topics.output, encode(ev), key=ev["conversation_id"].encode(),
+                    headers=classification_headers(
+                        ev["event_id"], ev["conversation_id"], self.settings.group_id, record.headers
+                    ),
+                )
                 for ev in events
             ]
             await asyncio.gather(*futures)

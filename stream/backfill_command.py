@@ -25,10 +25,9 @@ import asyncpg
 from aiokafka.errors import KafkaError
 
 from agents.questions import Question, QuestionSet, load_questions
-from agents.store import create_pool
+from agents.store import open_database
 from agents.store.backfill import BackfillJobs, JobProgress, scan_unanswered
 from agents.store.conversations import Key
-from agents.store.migrate import migrate
 from stream.backfill import encode_item
 from stream.config import ConfigError, Settings, load_settings, redact_url
 from stream.kafka import ensure_topics, make_producer
@@ -81,12 +80,7 @@ async def _run(
     args: argparse.Namespace, settings: Settings, qset: QuestionSet | None, selected: list[Question]
 ) -> int:
     dsn = settings.database_url.get_secret_value()
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    pool = await create_pool(dsn, max_size=2)
+    pool = await open_database(dsn, where=redact_url(dsn), max_size=2)
     try:
         jobs = BackfillJobs(pool)
         if args.job is not None:

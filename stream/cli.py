@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from agents.store.errors import DatabaseSetupError, explained
 from stream.config import ConfigError, Settings, load_settings
 
 EXAMPLES = Path(str(importlib.resources.files("examples")))
@@ -35,6 +36,13 @@ def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
     )
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (1-65535)")
+    return port
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("aiokafka", "kafka"):
@@ -46,10 +54,14 @@ def _setup_logging(level: str) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from stream.dev.demo import run_demo, run_embedded
+    from stream.dev.infra import InfraError
 
-    if args.demo:
-        return run_demo(args)
-    return run_embedded(args)
+    if args.bootstrap_servers and args.broker_port:
+        raise ConfigError("--broker-port is for the embedded broker; --bootstrap-servers uses another one instead")
+    try:
+        return run_demo(args) if args.demo else run_embedded(args)
+    except InfraError as e:
+        raise ConfigError(str(e)) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -66,15 +78,18 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     import asyncpg
 
     from agents.store.migrate import migrate
+    from stream.config import redact_url
 
     settings = _settings(args)
+    dsn = settings.database_url.get_secret_value()
 
     async def go() -> list[str]:
-        conn = await asyncpg.connect(settings.database_url.get_secret_value())
-        try:
-            return await migrate(conn)
-        finally:
-            await conn.close()
+        async with explained(redact_url(dsn)):
+            conn = await asyncpg.connect(dsn)
+            try:
+                return await migrate(conn)
+            finally:
+                await conn.close()
 
     applied = asyncio.run(go())
     print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
@@ -152,6 +167,21 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from stream import replay
+
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    if args.action == "summary":
+        print(replay.format_summary(settings.topics.dlq, asyncio.run(replay.summarize(settings))))
+        return 0
+    since = replay.parse_since(args.since) if args.since else None
+    report = asyncio.run(replay.replay(settings, reason=args.reason, since=since, dry_run=args.dry_run,
+                                       group_id=args.group))
+    print(report.line(settings.topics.input))
+    return 0
+
+
 def _delegate(module: str) -> tuple[object, object]:
     mod = importlib.import_module(module)
     return mod.add_arguments, mod.run  # type: ignore[attr-defined]
@@ -163,6 +193,7 @@ COMMANDS = {
     "migrate": ("Apply pending database migrations.", cmd_migrate),
     "produce": ("Replay a JSONL(.gz) file of conversations into the input topic.", cmd_produce),
     "tail": ("Print classification events from the output topic.", cmd_tail),
+    "dlq": ("Dead letters: `summary` (counts by reason), `replay` (back to the input topic, once each).", cmd_dlq),
     "backfill": ("Answer stored conversations for new or changed questions (work shared by the replicas).",
                  "stream.backfill_command"),
     "search": ("Find the stored chunks closest to a text across all conversations.", "stream.search"),
@@ -190,6 +221,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                            help="conversations to replay with --demo")
             p.add_argument("--questions", type=Path, help="questions file (default: examples/questions.yaml)")
             p.add_argument("--metrics-port", type=int, default=None, help="port for /metrics (default 9464; 0 = any)")
+            p.add_argument("--broker-port", type=_port, default=None,
+                           help="loopback port of the embedded broker (default: a free one)")
+            p.add_argument("--postgres-port", type=_port, default=None,
+                           help="loopback port of the embedded Postgres (default: a free one)")
+            p.add_argument("--print-env", action="store_true",
+                           help="print only `export` lines for another shell on stdout (banner and logs: stderr)")
             p.add_argument("--timeout", type=float, default=600.0, help="--demo gives up after this many seconds")
         elif name == "serve":
             _config_args(p)
@@ -208,6 +245,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             p.add_argument("--from-beginning", action="store_true", help="start at the oldest event")
             p.add_argument("--limit", type=int, default=0, help="stop after N events")
             p.add_argument("--summary", action="store_true", help="one line per event instead of JSON")
+        elif name == "dlq":
+            _config_args(p)
+            p.add_argument("action", choices=["summary", "replay"],
+                           help="summary: counts by reason, oldest and newest; replay: re-produce the original "
+                                "key, bytes and headers to the input topic, at most once per DLQ offset")
+            p.add_argument("--reason", help="replay only dead letters with this error.reason (e.g. text_too_long)")
+            p.add_argument("--since", help="replay only dead letters written since this ISO 8601 time or age (2h, 1d)")
+            p.add_argument("--dry-run", action="store_true", help="say what would be replayed; send nothing")
+            p.add_argument("--group", help="consumer group of the replay (default: <group_id>-dlq-replay)")
         elif name == command:
             add_arguments, _ = _delegate(str(target))
             add_arguments(p)  # type: ignore[operator]
@@ -248,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"flexor {command}: error: {e}", file=sys.stderr)
         return 2
+    except DatabaseSetupError as e:
+        print(f"flexor {command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return int(code or 0)

@@ -7,6 +7,7 @@ read because every platform sets those names. Secrets are `SecretStr`: they neve
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import re
 from contextvars import ContextVar
@@ -16,6 +17,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+# The example questions ship inside the package, so the default works from any directory.
+EXAMPLE_QUESTIONS = Path(str(importlib.resources.files("examples"))) / "questions.yaml"
 
 
 class ConfigError(ValueError):
@@ -126,7 +130,7 @@ class Settings(BaseSettings):
     backfill: BackfillConfig = BackfillConfig()
     limits: LimitsConfig = LimitsConfig()
     models: ModelsConfig = ModelsConfig()
-    questions_file: Path = Path("examples/questions.yaml")
+    questions_file: Path = EXAMPLE_QUESTIONS
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

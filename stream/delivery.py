@@ -35,6 +35,7 @@ from aiokafka.structs import TopicPartition
 from agents.store.classifications import ClassificationsTable
 from stream.config import Settings
 from stream.dlq import DeadLetters, Invalid
+from stream.headers import classification_headers
 from stream.intake import Fetched
 from stream.metrics import Metrics
 from stream.offsets import OffsetTracker
@@ -89,8 +90,13 @@ class Delivery:
             return
         t0 = time.perf_counter()
         futures = [
-            await self.producer.send(self.settings.topics.output, encode(ev), key=ev["conversation_id"].encode())
-            for _, ev in events
+            await self.producer.send(
+                self.settings.topics.output, encode(ev), key=ev["conversation_id"].encode(),
+                headers=classification_headers(
+                    ev["event_id"], ev["conversation_id"], self.settings.group_id, f.record.headers
+                ),
+            )
+            for f, ev in events
         ]
         await asyncio.gather(*futures)
         self.metrics.stage_seconds.labels("produce").observe(time.perf_counter() - t0)
@@ -99,11 +105,15 @@ class Delivery:
         self.metrics.stage_seconds.labels("persist").observe(time.perf_counter() - t0)
 
     def _mark_done(self, batch: Sequence[Fetched]) -> None:
-        now = time.monotonic()
         for f in batch:
             if self.current(f):
                 self.tracker.done(f.tp, f.record.offset)
-            self.metrics.event_latency.observe(now - f.fetched_at)
+
+    def _observe_latency(self, events: Events) -> None:
+        """Per classified event, once its output is delivered; dead letters and skipped replays
+        have no output and do not count."""
+        for f, _ in events:
+            self.metrics.event_latency.observe(f.age_s())
 
 
 class AtLeastOnce(Delivery):
@@ -112,6 +122,7 @@ class AtLeastOnce(Delivery):
         await self.dead_letters.send_all([(f, e) for f, e in invalid if not f.dlq_sent])
         await self._publish(events, qset_version)
         self._mark_done(batch)
+        self._observe_latency(events)
 
     async def commit(self, only: set[TopicPartition] | None = None) -> None:
         assignment = self.consumer.assignment()
@@ -155,6 +166,7 @@ class ExactlyOnce(Delivery):
                             "this transactional id starts again", abort_error)
             raise
         self.metrics.transactions.labels("committed").inc()
+        self._observe_latency(events)
         for _, e in invalid:
             self.metrics.dlq.labels(e.reason.value).inc()
         self.tracker.committed(positions)

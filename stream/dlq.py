@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaProducer
 
 from agents.types import Conversation
 from stream.config import Settings
+from stream.headers import dead_letter_headers
 from stream.intake import Fetched
 from stream.metrics import Metrics
 from stream.schemas import InvalidEvent, decode_conversation
@@ -37,6 +38,7 @@ class DeadLetters:
     def __init__(self, producer: AIOKafkaProducer, settings: Settings, metrics: Metrics) -> None:
         self.producer = producer
         self.topic = settings.topics.dlq
+        self.group_id = settings.group_id
         self.max_bytes = settings.limits.max_event_bytes
         self.metrics = metrics
 
@@ -52,18 +54,14 @@ class DeadLetters:
 
     async def _send(self, f: Fetched, e: InvalidEvent) -> asyncio.Future[Any]:
         r = f.record
-        headers = list(r.headers or ()) + [
-            ("error.reason", e.reason.value.encode()),
-            ("error.message", e.message[:1000].encode("utf-8", "replace")),
-            ("source.topic", r.topic.encode()),
-            ("source.partition", str(r.partition).encode()),
-            ("source.offset", str(r.offset).encode()),
-        ]
         log.info("DLQ %s/%d@%d: %s: %s", r.topic, r.partition, r.offset, e.reason.value, e.message[:200])
-        value = r.value
+        value, truncated_from = r.value, None
         if value is not None and len(value) > self.max_bytes:
             # The DLQ topic may not take what the input topic did; keep the head of the original
             # and say so, rather than fail the partition on a record we can never deliver whole.
-            value = value[: self.max_bytes]
-            headers.append(("error.truncated_from", str(len(r.value)).encode()))
+            value, truncated_from = value[: self.max_bytes], len(value)
+        headers = dead_letter_headers(
+            r.headers, topic=r.topic, partition=r.partition, offset=r.offset, group_id=self.group_id,
+            reason=e.reason.value, message=e.message, truncated_from=truncated_from,
+        )
         return await self.producer.send(self.topic, value, key=r.key, headers=headers)

@@ -42,6 +42,15 @@ class Fetched:
     def __post_init__(self) -> None:
         self.tp = TopicPartition(self.record.topic, self.record.partition)
 
+    def age_s(self) -> float:
+        """Seconds since the record entered Kafka: its timestamp (the producer's CreateTime, or the
+        broker's LogAppendTime), or its fetch when it carries none. Each record has its own, unlike
+        the fetch time, which a whole poll shares."""
+        ts = self.record.timestamp
+        if ts is not None and ts > 0:
+            return max(0.0, time.time() - ts / 1000)
+        return time.monotonic() - self.fetched_at
+
 
 class Intake:
     def __init__(self, settings: Settings, tracker: OffsetTracker, metrics: Metrics) -> None:

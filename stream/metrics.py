@@ -80,3 +80,10 @@ class Metrics:
             registry=registry,
         )
         self.ready = Gauge("flexor_ready", "1 when Kafka and Postgres are reachable", registry=registry)
+        self.dependency_up = Gauge(
+            "flexor_dependency_up", "1 while the dependency is reachable", ["dependency"], registry=registry
+        )
+        self.dependency_errors = Counter(
+            "flexor_dependency_errors_total", "Failed attempts to reach a dependency (probes and batches)",
+            ["dependency"], registry=registry,
+        )

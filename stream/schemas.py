@@ -49,7 +49,7 @@ class TurnV1(BaseModel):
 
 
 class ConversationV1(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, title="conversation.v1")
 
     schema_: Literal["conversation.v1"] = Field(alias="schema")
     event_id: str = Field(min_length=1, max_length=256)
@@ -59,7 +59,7 @@ class ConversationV1(BaseModel):
     status: str = Field(default="closed", max_length=32)
     occurred_at: datetime | None = Field(default=None, strict=False)
     metadata: dict[str, Any] = Field(default_factory=dict)
-    turns: list[TurnV1]
+    turns: list[TurnV1] = Field(min_length=1)
 
     def to_conversation(self) -> Conversation:
         return Conversation(
@@ -168,3 +168,79 @@ def build_classification(
 
 def encode(event: dict[str, Any]) -> bytes:
     return orjson.dumps(event)
+
+
+# -- the output contract, as models: docs/schemas/*.json are generated from these (stream.contracts) --
+
+
+class EvidenceV1(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    chunk_id: str
+    turn_ids: list[str]
+    char_start: int = Field(ge=0, description="offset into the transcript: each turn as `speaker: text`, one a line")
+    char_end: int = Field(ge=0)
+    text: str = Field(description="transcript[char_start:char_end]")
+    score: float = Field(description="cosine similarity of the chunk to the question's retrieval text")
+
+
+class AnswerV1(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    question_id: str
+    question_version: int = Field(ge=1)
+    answer: Literal["yes", "no"]
+    p_yes: float = Field(ge=0.0, le=1.0)
+    decided_by: str = Field(
+        pattern=r"^(head|few-shot|similarity|llm|cache)(-fallback)?$",
+        description="the stage that decided; `-fallback`: the LLM failed and stage 1's answer stands",
+    )
+    evidence: list[EvidenceV1]
+
+
+class SourceV1(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    topic: str
+    partition: int = Field(ge=0)
+    offset: int = Field(ge=0)
+
+
+class ClassificationV1(BaseModel):
+    """One per conversation revision, keyed by conversation_id. Dedupe on event_id."""
+
+    model_config = ConfigDict(extra="forbid", title="classification.v1")
+
+    schema_: Literal["classification.v1"] = Field(alias="schema")
+    event_id: str = Field(description="hash of tenant, conversation, revision, question-set version and model ids")
+    tenant_id: str
+    conversation_id: str
+    revision: int = Field(ge=0)
+    answers: list[AnswerV1]
+    models: dict[str, str] = Field(description="model ids: embedder, heads, llm")
+    source: SourceV1
+    latency_ms: int = Field(ge=0, description="from the input record's Kafka timestamp to this event")
+
+
+class DeadLetterHeadersV1(BaseModel):
+    """The headers of a dead-letter record (values UTF-8). The key and value are the input
+    record's own bytes; the input's own headers come first, those whose names clash with the ones
+    below renamed `original.<name>`."""
+
+    model_config = ConfigDict(extra="allow", title="dead-letter record headers", populate_by_name=True)
+
+    error_reason: Reason = Field(alias="error.reason")
+    error_message: str = Field(alias="error.message")
+    error_truncated_from: str | None = Field(
+        default=None, alias="error.truncated_from", pattern=r"^[0-9]+$",
+        description="the original length in bytes, when the value was cut to limits.max_event_bytes",
+    )
+    source_topic: str = Field(alias="source.topic")
+    source_partition: str = Field(alias="source.partition", pattern=r"^[0-9]+$")
+    source_offset: str = Field(alias="source.offset", pattern=r"^[0-9]+$")
+    ce_specversion: Literal["1.0"]
+    ce_id: str = Field(description="<source topic>/<partition>/<offset>")
+    ce_source: str
+    ce_type: Literal["flexor.deadletter.v1"]
+    ce_time: str
+    content_type: Literal["application/octet-stream"] = Field(alias="content-type")

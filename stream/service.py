@@ -31,11 +31,13 @@ from agents.types import Conversation
 from stream.config import Settings
 from stream.delivery import Delivery, make_delivery, transactional_id
 from stream.dlq import DeadLetters, Valid, decode_batch
+from stream.health import DependencyHealth
 from stream.intake import BACKOFF_MAX_S, BACKOFF_START_S, Fetched, Intake
 from stream.kafka import make_consumer, make_producer
 from stream.metrics import Metrics
 from stream.offsets import OffsetTracker
 from stream.schemas import build_classification, classification_event_id
+from stream.tracing import BatchTracer
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +88,8 @@ class Service:
         self._idle = asyncio.Event()  # set while the worker holds no batch
         self._idle.set()
         self._stopping = asyncio.Event()
-        self.kafka_ok = False
-        self.postgres_ok = False
+        self.health = DependencyHealth(metrics)
+        self.tracer = BatchTracer(settings.topics.input, settings.group_id)
         self.producer: AIOKafkaProducer | None = None
         self.delivery: Delivery | None = None
 
@@ -96,6 +98,14 @@ class Service:
     @property
     def consumer(self) -> AIOKafkaConsumer | None:
         return self.intake.consumer
+
+    @property
+    def kafka_ok(self) -> bool:
+        return self.health.is_up("kafka")
+
+    @property
+    def postgres_ok(self) -> bool:
+        return self.health.is_up("postgres")
 
     @property
     def ready(self) -> bool:
@@ -182,7 +192,8 @@ class Service:
         backoff = BACKOFF_START_S
         while True:
             try:
-                await self._process(batch)
+                with self.tracer.batch(batch):
+                    await self._process(batch)
                 if self.intake.degraded:
                     log.info("batch succeeded after retries; resuming consumption")
                 self.intake.degraded = False
@@ -191,18 +202,17 @@ class Service:
                 kind = type(e).__name__
                 self.metrics.retries.labels(kind).inc()
                 self._mark_unhealthy(e)
+                # One line when the batch first fails; the dependency's state change says the rest.
+                (log.debug if self.intake.degraded else log.warning)(
+                    "batch failed (%s: %s); retrying in %.1f s", kind, e, backoff)
                 self.intake.degraded = True
                 if self._stopping.is_set():
                     raise
-                log.warning("batch failed (%s: %s); retrying in %.1f s", kind, e, backoff)
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     def _mark_unhealthy(self, e: BaseException) -> None:
-        if isinstance(e, KafkaError):
-            self.kafka_ok = False
-        else:
-            self.postgres_ok = False
+        self.health.down("kafka" if isinstance(e, KafkaError) else "postgres", e)
         self.metrics.ready.set(0)
 
     async def _process(self, batch: list[Fetched]) -> None:
@@ -212,17 +222,17 @@ class Service:
         self.questions.maybe_reload()
         qset = self.questions.current
 
-        valid, invalid = decode_batch(batch, self.settings)
+        with self.tracer.stage("decode"):
+            valid, invalid = decode_batch(batch, self.settings)
         todo = await self._drop_seen(valid, qset.version)
         events: list[tuple[Fetched, dict[str, Any]]] = []
         if todo:
             t0 = time.perf_counter()
             result = await self.pipeline.classify(
                 [c for _, c, _ in todo], qset,
-                timer=lambda stage, s: self.metrics.stage_seconds.labels(stage).observe(s),
+                timer=self._stage_timed,
             )
             self.metrics.stage_seconds.labels("classify").observe(time.perf_counter() - t0)
-            now = time.monotonic()
             for (f, conv, event_id), answers in zip(todo, result.answers, strict=True):
                 events.append(
                     (
@@ -230,18 +240,23 @@ class Service:
                         build_classification(
                             conv, answers, event_id=event_id, models=self.models,
                             source={"topic": f.tp.topic, "partition": f.tp.partition, "offset": f.record.offset},
-                            latency_ms=int((now - f.fetched_at) * 1000),
+                            latency_ms=round(f.age_s() * 1000),
                         ),
                     )
                 )
-        await self.delivery.deliver(batch, invalid, events, qset.version)
-        self.postgres_ok = True
+        with self.tracer.stage("deliver"):
+            await self.delivery.deliver(batch, invalid, events, qset.version)
+        self.health.up("postgres")
 
         for _, ev in events:
             for a in ev["answers"]:
                 self.metrics.answers.labels(a["question_id"], a["answer"], a["decided_by"]).inc()
         self.metrics.classified.inc(len(events))
         self.metrics.stage_seconds.labels("batch").observe(time.perf_counter() - started)
+
+    def _stage_timed(self, stage: str, seconds: float) -> None:
+        self.metrics.stage_seconds.labels(stage).observe(seconds)
+        self.tracer.finished_stage(stage, seconds)
 
     async def _drop_seen(self, valid: Valid, qset_version: str) -> list[tuple[Fetched, Conversation, str]]:
         """Skip revisions older than one already classified, and exact replays (same event_id)
@@ -250,7 +265,7 @@ class Service:
         if not valid:
             return []
         seen = await self.results.seen(sorted({(c.tenant_id, c.conversation_id) for _, c in valid}))
-        self.postgres_ok = True
+        self.health.up("postgres")
         todo = []
         in_batch: set[str] = set()
         for f, conv in valid:
@@ -278,13 +293,13 @@ class Service:
         while True:
             try:
                 await asyncio.wait_for(self.pool.fetchval("SELECT 1"), timeout=3)
-                self.postgres_ok = True
-            except Exception:  # any failure means not ready; the reason is in the worker's log
-                self.postgres_ok = False
+                self.health.up("postgres")
+            except Exception as e:  # any failure means not ready
+                self.health.down("postgres", e)
             try:
                 await asyncio.wait_for(self.producer.client.fetch_all_metadata(), timeout=3)
-                self.kafka_ok = True
-            except Exception:
-                self.kafka_ok = False
+                self.health.up("kafka")
+            except Exception as e:
+                self.health.down("kafka", e)
             self.metrics.ready.set(1 if self.ready else 0)
             await asyncio.sleep(2)

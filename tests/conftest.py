@@ -1,7 +1,8 @@
 """Session fixtures: a real Kafka-protocol broker and a real PostgreSQL + pgvector, started from
 their PyPI packages (they start in under a second), with a fresh database and unique topic
 names per test. Where a Docker engine exists, `FLEXOR_TEST_CONTAINERS=1` uses testcontainers
-instead (Apache Kafka and pgvector images); without one that path is skipped cleanly.
+instead (the Apache Kafka and pgvector images of docker-compose.yml, `tests/containers.py`); where it
+cannot run, the tests skip with the reason (testcontainers missing, or no Docker engine).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -37,35 +39,25 @@ class Endpoints:
         self.stack = stack
 
 
-def _docker_available() -> bool:
-    try:
-        import docker  # type: ignore[import-not-found]
-
-        docker.from_env().ping()
-        return True
-    except Exception:
-        return False
-
-
 @pytest.fixture(scope="session")
 def infra() -> Iterator[Endpoints]:
     if os.environ.get("FLEXOR_TEST_CONTAINERS") == "1":
-        if not _docker_available():
-            pytest.skip("FLEXOR_TEST_CONTAINERS=1 but no Docker engine is reachable")
-        from testcontainers.kafka import KafkaContainer  # type: ignore[import-not-found]
-        from testcontainers.postgres import PostgresContainer  # type: ignore[import-not-found]
+        from tests import containers
 
-        with KafkaContainer().with_kraft() as kafka, PostgresContainer("pgvector/pgvector:pg17") as pg:
-            url = pg.get_connection_url().replace("postgresql+psycopg2://", "postgresql://")
-            yield Endpoints(kafka.get_bootstrap_server(), url, None)
+        reason = containers.unavailable_reason()
+        if reason is not None:
+            pytest.skip(f"FLEXOR_TEST_CONTAINERS=1 but {reason}")
+        images = containers.compose_images()
+        with containers.apache_kafka(images["kafka"]) as kafka, containers.pgvector(images["postgres"]) as pg:
+            yield Endpoints(kafka, pg, None)
         return
     with EmbeddedStack() as stack:
         yield Endpoints(stack.broker.bootstrap_servers, stack.postgres.url, stack)
 
 
-@pytest.fixture
-async def database(infra: Endpoints) -> AsyncIterator[str]:
-    """A fresh database per test; the URL of it."""
+@asynccontextmanager
+async def fresh_database(infra: Endpoints) -> AsyncIterator[str]:
+    """A new database on the session server, dropped afterwards; yields its URL."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(infra.postgres_url)
     try:
@@ -83,7 +75,19 @@ async def database(infra: Endpoints) -> AsyncIterator[str]:
 
 
 @pytest.fixture
+async def database(infra: Endpoints) -> AsyncIterator[str]:
+    """A fresh database per test; the URL of it."""
+    async with fresh_database(infra) as url:
+        yield url
+
+
+@pytest.fixture
 def settings(infra: Endpoints, database: str) -> Settings:
+    return make_settings(infra, database)
+
+
+def make_settings(infra: Endpoints, database: str) -> Settings:
+    """Settings for one test: its own database, topics and consumer group, short timeouts."""
     suffix = uuid.uuid4().hex[:8]
     return load_settings(
         None,

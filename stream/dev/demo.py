@@ -1,5 +1,10 @@
 """`flexor up`: the whole service on one machine from `pip install` alone.
 
+The broker (unless `--bootstrap-servers` names one to use instead) and Postgres start on loopback,
+on free ports or the ones given. Once the service runs, one parseable line names the endpoints
+(`flexor up: ready bootstrap_servers=... database_url=... metrics_url=...`); with `--print-env`,
+stdout carries only `export` lines that another shell can `source`.
+
 With --demo it replays the example conversations (plus two malformed events, to show the DLQ),
 shows progress, prints a summary table and exits 0 once every conversation revision is classified.
 """
@@ -10,6 +15,8 @@ import argparse
 import asyncio
 import importlib.resources
 import logging
+import shlex
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,11 +39,19 @@ EXAMPLES = Path(str(importlib.resources.files("examples")))
 BAD_EVENTS = [b"this is not json", b'{"schema": "conversation.v1", "event_id": "bad-1", "turns": []}']
 
 
+def _stack(args: argparse.Namespace) -> EmbeddedStack:
+    """Postgres, and the broker unless --bootstrap-servers names one."""
+    return EmbeddedStack(
+        broker_port=getattr(args, "broker_port", None), postgres_port=getattr(args, "postgres_port", None),
+        with_broker=not getattr(args, "bootstrap_servers", None),
+    )
+
+
 def _embedded_settings(args: argparse.Namespace, stack: EmbeddedStack) -> Settings:
     return load_settings(
         getattr(args, "config", None),
         **{
-            "kafka.bootstrap_servers": stack.broker.bootstrap_servers,
+            "kafka.bootstrap_servers": stack.broker.bootstrap_servers if stack.broker else args.bootstrap_servers,
             "database_url": stack.postgres.url,
             "questions_file": getattr(args, "questions", None) or EXAMPLES / "questions.yaml",
             "metrics_port": getattr(args, "metrics_port", None),
@@ -44,23 +59,52 @@ def _embedded_settings(args: argparse.Namespace, stack: EmbeddedStack) -> Settin
     )
 
 
+def endpoints(settings: Settings, metrics_port: int) -> dict[str, str]:
+    return {
+        "bootstrap_servers": settings.kafka.bootstrap_servers,
+        "database_url": settings.database_url.get_secret_value(),
+        "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics",
+        "input_topic": settings.topics.input,
+        "output_topic": settings.topics.output,
+        "dlq_topic": settings.topics.dlq,
+    }
+
+
+def ready_line(found: dict[str, str]) -> str:
+    """One line, `key=value` pairs (values shell-quoted where needed): grep and parse it from a log."""
+    return "flexor up: ready " + " ".join(f"{k}={shlex.quote(v)}" for k, v in found.items())
+
+
+def env_lines(found: dict[str, str]) -> str:
+    """What another shell needs for `flexor produce`, `flexor tail` or its own client."""
+    return (f"export KAFKA_BOOTSTRAP_SERVERS={shlex.quote(found['bootstrap_servers'])}\n"
+            f"export DATABASE_URL={shlex.quote(found['database_url'])}\n")
+
+
 def run_embedded(args: argparse.Namespace) -> int:
-    console = Console()
-    with EmbeddedStack() as stack:
+    # The banner and logs go to stderr: stdout is for the ready line, or only the env with --print-env.
+    console = Console(stderr=True)
+    with _stack(args) as stack:
         settings = _embedded_settings(args, stack)
         logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
         def announce(r: Running) -> None:
+            found = endpoints(settings, r.http_port)
             console.print(
                 f"[bold]Flexor Stream is running[/bold]\n"
-                f"  Kafka:    {stack.broker.bootstrap_servers}  (topics {settings.topics.input} -> "
+                f"  Kafka:    {found['bootstrap_servers']}  (topics {settings.topics.input} -> "
                 f"{settings.topics.output}, DLQ {settings.topics.dlq})\n"
-                f"  Postgres: {stack.postgres.url}\n"
-                f"  Metrics:  http://127.0.0.1:{r.http_port}/metrics\n"
-                f"Produce:  FLEXOR_KAFKA__BOOTSTRAP_SERVERS={stack.broker.bootstrap_servers} "
-                f"flexor produce examples/conversations.jsonl\n"
-                f"Stop with Ctrl-C."
+                f"  Postgres: {found['database_url']}\n"
+                f"  Metrics:  {found['metrics_url']}\n"
+                "In another shell, set these and run `flexor produce examples/conversations.jsonl`:",
+                soft_wrap=True,
             )
+            console.print(env_lines(found) + "Stop with Ctrl-C.", soft_wrap=True, markup=False, highlight=False)
+            out = env_lines(found) if args.print_env else ready_line(found) + "\n"
+            if args.print_env:
+                console.print(ready_line(found), soft_wrap=True, markup=False, highlight=False)
+            sys.stdout.write(out)
+            sys.stdout.flush()
 
         asyncio.run(run_service(settings, on_running=announce, create_topics=True))
     return 0
@@ -71,7 +115,7 @@ def run_demo(args: argparse.Namespace) -> int:
     events = load_conversations(args.conversations)
     expected = {(e["tenant_id"], e["conversation_id"], e["revision"]) for e in events}
     with console.status("starting Kafka broker and PostgreSQL..."):
-        stack = EmbeddedStack().start()
+        stack = _stack(args).start()
     try:
         settings = _embedded_settings(args, stack)
         logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")

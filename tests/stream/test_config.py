@@ -61,9 +61,17 @@ def test_defaults() -> None:
     assert s.group_id == "flexor-stream"
     assert (s.batch.max_events, s.batch.max_wait_ms) == (64, 200)
     assert s.metrics_port == 9464
-    assert s.questions_file == Path("examples/questions.yaml")
+    assert s.questions_file.name == "questions.yaml"
     assert s.database_url.get_secret_value().startswith("postgresql://")
     assert s.log_level == "INFO"
+
+
+def test_default_questions_file_loads_outside_the_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`flexor serve` started from another directory finds the packaged example questions."""
+    from agents.questions import load_questions
+
+    monkeypatch.chdir(tmp_path)
+    assert len(load_questions(load_settings().questions_file).questions) > 0
 
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ thread), so stopping it does not disturb the session servers other tests use.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import socket
 import tempfile
@@ -182,9 +183,11 @@ def private_postgres() -> Iterator[EmbeddedPostgres]:
 
 
 async def test_postgres_outage_pauses_retries_and_resumes(
-    settings: Settings, private_postgres: EmbeddedPostgres
+    settings: Settings, private_postgres: EmbeddedPostgres, caplog: pytest.LogCaptureFixture
 ) -> None:
     from pydantic import SecretStr
+
+    caplog.set_level(logging.INFO)
 
     outage_s = 20.0
     settings = _small_batches(settings).model_copy(update={"database_url": SecretStr(private_postgres.url)})
@@ -196,6 +199,7 @@ async def test_postgres_outage_pauses_retries_and_resumes(
         await wait_until(lambda: _rows_at_least(settings, len(first)), 120, "the first conversations")
         await wait_until(lambda: _ready(running.http_port), 30, "/readyz before the outage")
 
+        caplog.clear()
         private_postgres.stop()
         t_stop = time.monotonic()
         await produce(settings, second)
@@ -225,6 +229,15 @@ async def test_postgres_outage_pauses_retries_and_resumes(
 
         await wait_until(settled, 30, "nothing in flight, consumption resumed")
         retries = sum(s.value for s in _samples(reg, "flexor_batch_retries_total"))
+        # What the operator sees: one line when Postgres went away and one when it came back (not a
+        # traceback per retry), and a counter of the failed attempts in between.
+        outage_log = [r for r in caplog.records if r.levelno >= logging.INFO]
+        assert not [r for r in outage_log if r.exc_info], "a traceback was logged during the outage"
+        assert len([r for r in outage_log if r.getMessage().startswith("postgres: unreachable")]) == 1
+        assert len([r for r in outage_log if r.getMessage().startswith("postgres: reachable again")]) == 1
+        assert len([r for r in outage_log if r.levelno >= logging.WARNING]) <= 4, [r.getMessage() for r in outage_log]
+        assert metric(reg, "flexor_dependency_errors_total", {"dependency": "postgres"}) >= 2
+        assert metric(reg, "flexor_dependency_up", {"dependency": "postgres"}) == 1
     await check_delivery(settings, first + second, registry=reg)
     record_outcome("postgres_outage", events=len(first) + len(second), outage_s=outage_s, batch_retries=retries,
                    restart_to_all_classified_s=round(resume_s, 1), restart_to_ready_s=round(ready_s, 1),

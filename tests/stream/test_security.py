@@ -165,7 +165,9 @@ async def _rows(settings: Settings, n: int) -> bool:
 async def test_unreachable_database_error_hides_password(settings: Settings) -> None:
     url = f"postgresql://flexor:{DB_PASSWORD}@127.0.0.1:{free_port()}/flexor"
     bad = settings.model_copy(update={"database_url": SecretStr(url)})
-    with pytest.raises(OSError) as info:
+    from agents.store.errors import DatabaseSetupError
+
+    with pytest.raises(DatabaseSetupError, match="cannot reach PostgreSQL") as info:
         await run_service(bad, install_signals=False)
     import traceback
 
