@@ -57,6 +57,8 @@ ITEM_SCHEMA = "backfill.v1"
 
 
 class WorkItem(BaseModel):
+    """A backfill work item on `topics.backfill`: stored conversations for a replica to answer."""
+
     model_config = ConfigDict(extra="ignore", strict=True)
 
     schema_: Literal["backfill.v1"] = Field(alias="schema")

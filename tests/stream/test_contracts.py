@@ -253,11 +253,13 @@ def test_asyncapi_document_is_valid_and_matches_the_service() -> None:
     assert doc["version"].startswith("3.")
     defaults = load_settings(None)
     channels = {c["address"]: c for c in doc["channels"]}
-    assert set(channels) == {defaults.topics.input, defaults.topics.output, defaults.topics.dlq}
+    topics = defaults.topics
+    assert set(channels) == {topics.input, topics.output, topics.dlq, topics.backfill}
     ops = {o["id"]: o for o in doc["operations"]}
-    (consume,) = [o for o in ops.values() if o["action"] == "receive"]
-    assert consume["channels"] == [defaults.topics.input]
-    assert consume["kafka"]["groupId"]["enum"] == [defaults.group_id]
+    consume = {o["channels"][0]: o for o in ops.values() if o["action"] == "receive"}
+    assert set(consume) == {topics.input, topics.backfill}
+    assert consume[topics.input]["kafka"]["groupId"]["enum"] == [defaults.group_id]
+    assert consume[topics.backfill]["kafka"]["groupId"]["enum"] == [f"{defaults.group_id}.backfill"]
     assert {c for o in ops.values() if o["action"] == "send" for c in o["channels"]} == {
         defaults.topics.output, defaults.topics.dlq}
     (out,) = channels[defaults.topics.output]["messages"]
@@ -267,6 +269,8 @@ def test_asyncapi_document_is_valid_and_matches_the_service() -> None:
     assert {"error.reason", "source.offset", "ce_id"} <= set(dead["requiredHeaders"])
     for c in channels.values():
         assert all(m["key"]["type"] == "string" for m in c["messages"])
+    (item,) = channels[topics.backfill]["messages"]
+    assert {"job_id", "item", "conversations"} <= set(item["payloadProperties"])
 
 
 def test_the_asyncapi_check_catches_a_broken_document(tmp_path: Path) -> None:
