@@ -6,6 +6,7 @@ answer it; a rerun adds nothing, and a replica killed mid-job loses nothing."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -28,7 +29,7 @@ from stream.backfill_command import enqueue, follow
 from stream.config import ConfigError, Settings, load_settings
 from stream.dev.produce import load_conversations
 from stream.schemas import InvalidEvent, classification_event_id, decode_conversation
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, REPO
 from tests.harness import (
     classification_rows,
     count_rows,
@@ -38,6 +39,7 @@ from tests.harness import (
     read_topic,
     revision_key,
     running_service,
+    service_env,
     start_serve,
     wait_until,
 )
@@ -117,13 +119,21 @@ async def test_backfill_answers_the_new_question_once_like_a_fresh_classificatio
         await wait_until(lambda: _rows(settings, len(inputs)), 120, "the live classifications")
         after = _write_questions(qfile, _after({"channel": ["chat", "email"]}))
         await produce(settings, [b"not a work item"], topic=settings.topics.backfill)
+        code, out, err = await _flexor(settings, "backfill", "--question", "nope")
+        assert (code, out) == (2, "") and err.count("\n") == 1 and "unknown question 'nope'" in err
+        code, out, _ = await _flexor(settings, "backfill", "--question", NEW, "--no-wait")
+        assert code == 0, out
+        job = out.split("flexor backfill --job ")[1].split()[0]
         pool = await create_pool(settings.database_url.get_secret_value(), max_size=2)
         try:
             jobs = BackfillJobs(pool)
-            job = await enqueue(settings, pool, after.version, [after.by_id()[NEW]])
             done = await asyncio.wait_for(follow(jobs, job, settings.topics.backfill, poll_s=0.2), 120)
-            rerun = await enqueue(settings, pool, after.version, [after.by_id()[NEW]])
-            rerun_progress = await jobs.progress(rerun)
+            # Run again: nothing left to answer, and the command says so and returns.
+            code, rerun_out, _ = await _flexor(settings, "backfill", "--question", NEW)
+            assert code == 0 and ": 0 conversations in 0 work items" in rerun_out, rerun_out
+            assert ": 0 conversations, 0 events published" in rerun_out
+            code, job_out, _ = await _flexor(settings, "backfill", "--job", job)
+            assert code == 0 and f"backfill {job} done: {len(expected_latest(inputs))} conversations" in job_out
         finally:
             await pool.close()
         # A live replay of a backfilled revision is the same event under the same rules: skipped.
@@ -133,10 +143,10 @@ async def test_backfill_answers_the_new_question_once_like_a_fresh_classificatio
         invalid = metric(running.metrics.registry, "flexor_backfill_items_total", {"result": "invalid"})
         embedder = running.service.pipeline.embedder
 
-    expected = {revision_key(e) for e in _latest(inputs) if e["metadata"]["channel"] in ("chat", "email")}
+    expected = expected_latest(inputs)
     assert 0 < len(expected) < len(inputs)
+    assert expected == expected_latest(inputs)
     assert (done.conversations, done.conversations_done, done.published) == (len(expected),) * 3
-    assert rerun_progress is not None and (rerun_progress.items, rerun_progress.done) == (0, True)
     assert published == len(expected)
     (dead,) = await read_topic(settings, settings.topics.dlq)
     assert dead.value == b"not a work item" and invalid == 1
@@ -170,6 +180,22 @@ async def test_backfill_answers_the_new_question_once_like_a_fresh_classificatio
         assert [e["chunk_id"] for e in got["evidence"]] == [e.chunk_id for e in answer.evidence]
         np.testing.assert_allclose([e["score"] for e in got["evidence"]], [e.score for e in answer.evidence],
                                    atol=1e-3)
+
+
+def expected_latest(inputs: list[dict[str, Any]]) -> set[tuple[str, str, int]]:
+    """What the first test's backfill answers: the stored revisions of chat and email conversations."""
+    return {revision_key(e) for e in _latest(inputs) if e["metadata"]["channel"] in ("chat", "email")}
+
+
+async def _flexor(settings: Settings, *args: str) -> tuple[int, str, str]:
+    """Run the `flexor` command with the settings as environment variables: (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "flexor"), *args, env=service_env(settings), cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 def _latest(inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
