@@ -279,9 +279,13 @@ async def _search(admin_url: str, paths: list[Path], embedder_spec: str, qset: Q
         embedder.flush()
         load_s = time.monotonic() - t0
         t0 = time.monotonic()
-        async with pool.acquire() as c, c.transaction():
-            await c.execute((MIGRATIONS_DIR / "005_chunks_hnsw.sql").read_text())
-            await c.execute("ANALYZE chunks")
+        conn = await asyncpg.connect(url)  # no command timeout: the build takes minutes, as in `flexor migrate`
+        try:
+            async with conn.transaction():
+                await conn.execute((MIGRATIONS_DIR / "005_chunks_hnsw.sql").read_text())
+            await conn.execute("ANALYZE chunks")
+        finally:
+            await conn.close()
         build_s = time.monotonic() - t0
         chunks = int(await pool.fetchval("SELECT count(*) FROM chunks"))
 
