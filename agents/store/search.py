@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import numpy as np
 
-DEFAULT_EF_SEARCH = 200
+DEFAULT_EF_SEARCH = 600
 
 SEARCH_SQL = """
 SELECT tenant_id, conversation_id, revision, chunk_id, turn_ids, char_start, char_end, text,

@@ -44,7 +44,7 @@ from stream.config import Settings
 from stream.dev.produce import load_conversations, produce_events, read_jsonl
 
 K = 20
-EF_SWEEP = (40, 100, 200, 400)
+EF_SWEEP = (100, 200, 400, 600, 1000)
 SEARCH_QUERIES = 200
 LATENCY_EVENTS = 200
 
