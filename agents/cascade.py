@@ -1,8 +1,9 @@
 """The cascade: stage 1 (a trained head or the zero-shot scorer) decides confident cases; answers
 inside the question's uncertain band go to the LLM stage when one is configured.
 
-Stage 1 is numpy work and runs in the caller's worker thread; the LLM stage is async (it batches
-across conversations and questions behind its own scheduler).
+Stage 1 is numpy work for the whole batch at once (`Cascade.stage1`: one call per scorer, every
+question it serves scored together) and runs in the caller's worker thread; the LLM stage is
+async (it batches across conversations and questions behind its own scheduler).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from agents.questions import Question
-from agents.scoring import Stage1Scorer
+from agents.scoring import Plan, Stage1Result, Stage1Scorer
 from agents.types import EmbeddedConversation, Evidence
 
 log = logging.getLogger(__name__)
@@ -27,14 +28,6 @@ LLM_THRESHOLD = 0.5
 class Decision:
     p_yes: float
     answer: str
-    decided_by: str
-
-
-@dataclass(frozen=True, slots=True)
-class Stage1Result:
-    p_yes: np.ndarray
-    threshold: float
-    band: tuple[float, float]
     decided_by: str
 
 
@@ -67,10 +60,20 @@ class Cascade:
             log.warning("question %s names head %r, which is not loaded: zero-shot", question.id, question.head)
         return self.zero_shot
 
-    def stage1(self, question: Question, convs: Sequence[EmbeddedConversation]) -> Stage1Result:
-        scorer = self.scorer_for(question)
-        p = np.clip(np.asarray(scorer.p_yes(question, convs), dtype=np.float64), 0.0, 1.0)
-        return Stage1Result(p, scorer.threshold(question), scorer.band(question), scorer.decided_by)
+    def stage1(self, plan: Plan, convs: Sequence[EmbeddedConversation]) -> list[Stage1Result]:
+        """P(yes) per (question, conversation) of the plan, one result per plan entry in plan order.
+
+        The public stage-1 entry point: each scorer gets every plan entry it serves in one call."""
+        by_scorer: dict[int, tuple[Stage1Scorer, list[int]]] = {}
+        for pos, (question, _) in enumerate(plan):
+            scorer = self.scorer_for(question)
+            by_scorer.setdefault(id(scorer), (scorer, []))[1].append(pos)
+        out: list[Stage1Result | None] = [None] * len(plan)
+        for scorer, positions in by_scorer.values():
+            for pos, r in zip(positions, scorer.stage1([plan[p] for p in positions], convs), strict=True):
+                p = np.clip(np.asarray(r.p_yes, dtype=np.float64), 0.0, 1.0)
+                out[pos] = Stage1Result(p, r.threshold, r.band, r.decided_by)
+        return [r for r in out if r is not None]
 
     async def decide(
         self, question_results: Sequence[tuple[Question, Stage1Result, Sequence[Sequence[Evidence]]]]

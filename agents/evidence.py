@@ -32,6 +32,11 @@ def chunk_id(conversation_id: str, revision: int, seq: int) -> str:
 class EvidenceStore(Protocol):
     async def upsert(self, convs: Sequence[EmbeddedConversation], embedder_id: str) -> None: ...
 
+    async def prune(self, newest: Sequence[tuple[str, str, int]]) -> None:
+        """Drop stored chunks of revisions older than (tenant, conversation, revision): a batch
+        that held several revisions of one conversation needed them all until its retrieval."""
+        ...
+
     async def top_k(
         self,
         convs: Sequence[EmbeddedConversation],
@@ -74,6 +79,9 @@ def rank_in_memory(
 class MemoryEvidenceStore:
     async def upsert(self, convs: Sequence[EmbeddedConversation], embedder_id: str) -> None:
         return None  # the batch's own vectors are the store
+
+    async def prune(self, newest: Sequence[tuple[str, str, int]]) -> None:
+        return None
 
     async def top_k(
         self,

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from agents.stacked import StackedChunks, rowwise
 from agents.types import EmbeddedConversation
 from models.embedder import Embedder
 
@@ -93,30 +94,32 @@ class FeatureExtractor:
         return 2 * d + 4 * len(PHRASE_BANK) + 4
 
     def transform(self, convs: Sequence[EmbeddedConversation]) -> np.ndarray:
-        d = self.embedder.dim
-        bank = self.bank
+        """One row per conversation (zeros for a conversation without chunks). The batch's chunks
+        meet the phrase bank in one matrix product; each row depends on its conversation alone."""
+        d, p = self.embedder.dim, len(PHRASE_BANK)
         out = np.zeros((len(convs), self.dim), np.float32)
+        if not convs:
+            return out
+        stacked = StackedChunks.of(convs, d)
+        vectors = stacked.vectors.astype(np.float64)
+        sims = rowwise(vectors, self.bank.T.astype(np.float64))  # (chunks, phrases)
+        o = 2 * d
+        out[:, 0:d] = stacked.mean(vectors)
+        out[:, d:o] = stacked.max(stacked.vectors)
+        mx, mn = stacked.max(sims), stacked.mean(sims)
+        out[:, o : o + p] = mx
+        out[:, o + p : o + 2 * p] = mn
+        out[:, o + 2 * p : o + 3 * p] = stacked.tail_max(sims, TAIL_CHUNKS)
+        out[:, o + 3 * p : o + 4 * p] = mx - mn
         for i, ec in enumerate(convs):
-            v = ec.vectors
-            if len(v) == 0:
+            if not stacked.counts[i]:
                 continue
-            row = out[i]
-            row[0:d] = v.mean(0)
-            row[d : 2 * d] = v.max(0)
-            s = v @ bank.T  # (chunks, phrases)
-            p = len(PHRASE_BANK)
-            o = 2 * d
-            mx, mn = s.max(0), s.mean(0)
-            row[o : o + p] = mx
-            row[o + p : o + 2 * p] = mn
-            row[o + 2 * p : o + 3 * p] = s[-TAIL_CHUNKS:].max(0)
-            row[o + 3 * p : o + 4 * p] = mx - mn
             turns = ec.conversation.turns
             n = max(len(turns), 1)
             first = turns[0].speaker if turns else ""
-            row[o + 4 * p :] = (
+            out[i, o + 4 * p :] = (
                 np.log1p(len(turns)),
-                np.log1p(len(v)),
+                np.log1p(stacked.counts[i]),
                 sum(t.speaker == first for t in turns) / n,
                 np.log1p(sum(len(t.text) for t in turns) / n),
             )

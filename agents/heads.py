@@ -42,6 +42,8 @@ import scipy.sparse as sp
 from agents.features import FEATURE_VERSION, FeatureExtractor
 from agents.lexical import LEXICON_FILE, Lexicon
 from agents.questions import Question
+from agents.scoring import Plan, Stage1Result
+from agents.stacked import StackedChunks, rowwise
 from agents.types import EmbeddedConversation
 from models.embedder import Embedder
 
@@ -249,25 +251,74 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     return json.loads((Path(root) / MANIFEST).read_text())
 
 
+class HeadStack:
+    """Every head's linear parts side by side: one matrix product per part scores all heads.
+
+    Each head's standardisation and part divisor are folded into its columns, so the conversation
+    part is ``x @ conv_w + conv_b``; a head without a chunk or lexical part has zero columns there.
+    """
+
+    def __init__(self, heads: Sequence[Head], lexicon_dim: int = 0) -> None:
+        self.heads = list(heads)
+        self.column = {h.head_id: i for i, h in enumerate(self.heads)}
+        scale = [h.scale for h in self.heads]
+        self.conv_w = np.stack([h.coef / s / h.conv_div for h, s in zip(self.heads, scale, strict=True)], 1)
+        self.conv_b = np.array(
+            [(h.intercept - float((h.mean / s) @ h.coef)) / h.conv_div for h, s in zip(self.heads, scale, strict=True)]
+        )
+        dim = next((len(h.chunk_coef) for h in self.heads if h.chunk_coef is not None), 0)
+        self.chunk_w = np.zeros((dim, len(self.heads)))
+        self.chunk_b = np.zeros(len(self.heads))
+        self.chunk_div = np.ones(len(self.heads))
+        self.lex_w = np.zeros((lexicon_dim, len(self.heads))) if lexicon_dim else None
+        self.lex_b = np.zeros(len(self.heads))
+        for i, h in enumerate(self.heads):
+            if h.chunk_coef is not None:
+                self.chunk_w[:, i] = h.chunk_coef
+                self.chunk_b[i] = h.chunk_intercept
+                self.chunk_div[i] = h.chunk_div
+            if h.lex_coef is not None and self.lex_w is not None:
+                self.lex_w[:, i] = h.lex_coef / h.lex_div
+                self.lex_b[i] = h.lex_intercept / h.lex_div
+        self.uses_chunks = any(h.chunk_coef is not None for h in self.heads)
+        self.uses_lexicon = any(h.lex_coef is not None for h in self.heads)
+
+    def scores(self, x: np.ndarray, chunks: StackedChunks, lexical: sp.csr_matrix | None) -> np.ndarray:
+        """Uncalibrated scores, (conversations, heads)."""
+        s = rowwise(np.asarray(x, np.float64), self.conv_w) + self.conv_b
+        if self.uses_chunks:
+            logits = rowwise(np.asarray(chunks.vectors, np.float64), self.chunk_w) + self.chunk_b
+            s += chunks.top_mean(logits, CHUNK_TOP) / self.chunk_div
+        if self.uses_lexicon and self.lex_w is not None:
+            if lexical is None:
+                raise ValueError(f"heads with a lexical part need the conversations' lexical rows ({LEXICON_FILE})")
+            s += np.asarray(lexical @ self.lex_w) + self.lex_b  # sparse rows: each summed on its own
+        return s
+
+    def p_yes(self, x: np.ndarray, chunks: StackedChunks, lexical: sp.csr_matrix | None) -> np.ndarray:
+        """Calibrated P(yes), (conversations, heads)."""
+        s = self.scores(x, chunks, lexical)
+        for i, h in enumerate(self.heads):
+            s[:, i] = h.calibration(s[:, i])
+        return np.clip(s, 0.0, 1.0)
+
+
 class HeadScorer:
     """Stage-1 scorer for every head in a heads dir; the cascade maps each head id to it.
 
-    Features are computed once per conversation object and reused across the questions of a
-    batch (the pipeline calls p_yes once per question on overlapping subsets).
+    One call scores a whole batch: feature rows and lexical rows once for the batch's
+    conversations, then every head at once (`HeadStack`). Nothing is kept between batches.
     """
 
     def __init__(
         self,
         heads: Mapping[str, Head],
         features: FeatureExtractor,
-        decided_by: str = "head",
         lexicon: Lexicon | None = None,
     ) -> None:
         self.heads = dict(heads)
         self.features = features
-        self.decided_by = decided_by
         self.lexicon = lexicon
-        self._memo: dict[int, tuple[EmbeddedConversation, np.ndarray, sp.csr_matrix | None]] = {}
         for h in self.heads.values():
             if h.lex_coef is not None and (lexicon is None or lexicon.dim != len(h.lex_coef)):
                 raise HeadMismatch(f"head {h.head_id} has a lexical part but its {LEXICON_FILE} is missing or differs")
@@ -277,6 +328,7 @@ class HeadScorer:
                 raise HeadMismatch(
                     f"head {h.head_id} uses features {h.feature_version}, this build has {features.version}"
                 )
+        self.stack = HeadStack(list(self.heads.values()), lexicon.dim if lexicon is not None else 0)
 
     def _head(self, question: Question) -> Head:
         head_id = question.head or question.id
@@ -285,59 +337,33 @@ class HeadScorer:
         except KeyError:
             raise KeyError(f"no head {head_id!r} loaded for question {question.id}") from None
 
-    def transform(self, convs: Sequence[EmbeddedConversation]) -> tuple[np.ndarray, sp.csr_matrix | None]:
-        """(feature rows, lexical rows or None), computed once per conversation object."""
-        if len(self._memo) > 50_000:
-            self._memo.clear()
-        todo = [c for c in convs if id(c) not in self._memo or self._memo[id(c)][0] is not c]
-        if todo:
-            rows = self.features.transform(todo)
-            lex = self.lexicon.transform([c.conversation for c in todo]) if self.lexicon is not None else None
-            for i, c in enumerate(todo):
-                self._memo[id(c)] = (c, rows[i], lex[i] if lex is not None else None)
-        if not convs:
-            return np.zeros((0, self.features.dim), np.float32), None
-        memo = [self._memo[id(c)] for c in convs]
-        lexical = sp.vstack([m[2] for m in memo], format="csr") if self.lexicon is not None else None
-        return np.stack([m[1] for m in memo]), lexical
-
-    def forget(self) -> None:
-        self._memo.clear()
-
-    def p_yes(self, question: Question, convs: Sequence[EmbeddedConversation]) -> np.ndarray:
-        if not convs:
-            return np.zeros(0)
-        x, lexical = self.transform(convs)
-        return self._head(question).p_yes(x, [c.vectors for c in convs], lexical)
-
-    def threshold(self, question: Question) -> float:
-        return self._head(question).threshold
-
-    def band(self, question: Question) -> tuple[float, float]:
-        return self._head(question).band
-
-
-class _KindView:
-    """The same scorer seen with a head's own `decided_by` (head or few-shot)."""
-
-    def __init__(self, inner: HeadScorer, decided_by: str) -> None:
-        self._inner = inner
-        self.decided_by = decided_by
-
-    def p_yes(self, question: Question, convs: Sequence[EmbeddedConversation]) -> np.ndarray:
-        return self._inner.p_yes(question, convs)
-
-    def threshold(self, question: Question) -> float:
-        return self._inner.threshold(question)
-
-    def band(self, question: Question) -> tuple[float, float]:
-        return self._inner.band(question)
+    def stage1(self, plan: Plan, convs: Sequence[EmbeddedConversation]) -> list[Stage1Result]:
+        heads = [self._head(q) for q, _ in plan]
+        asked = sorted({i for _, idx in plan for i in idx})
+        row = {i: r for r, i in enumerate(asked)}
+        batch = [convs[i] for i in asked]
+        p = np.zeros((0, len(self.stack.heads)))
+        if batch:
+            x = self.features.transform(batch)
+            lexical = None
+            if self.lexicon is not None and self.stack.uses_lexicon:
+                lexical = self.lexicon.transform([c.conversation for c in batch])
+            p = self.stack.p_yes(x, StackedChunks.of(batch, self.features.embedder.dim), lexical)
+        return [
+            Stage1Result(
+                p[[row[i] for i in idx], self.stack.column[h.head_id]] if len(idx) else np.zeros(0),
+                h.threshold,
+                h.band,
+                h.kind,
+            )
+            for h, (_, idx) in zip(heads, plan, strict=True)
+        ]
 
 
 def load_heads(
     root: str | Path, embedder: Embedder, features: FeatureExtractor | None = None
 ) -> tuple[dict[str, Any], str]:
-    """(head id -> Stage1Scorer for every head under `root`, heads version) for `Cascade(heads=...)`.
+    """(head id -> the one HeadScorer of every head under `root`, heads version) for `Cascade(heads=...)`.
 
     The version is a hash of the heads' metadata, so retrained heads change the event's model ids.
     """
@@ -353,9 +379,8 @@ def load_heads(
         lexicon = Lexicon.load(root)
         digest.update((root / LEXICON_FILE).read_bytes())
     scorer = HeadScorer(heads, features or FeatureExtractor(embedder), lexicon=lexicon)
-    views = {kind: _KindView(scorer, kind) for kind in {h.kind for h in heads.values()}}
     version = f"{FEATURE_VERSION}-{digest.hexdigest()[:12]}" if heads else "none"
-    return {hid: views[h.kind] for hid, h in heads.items()}, version
+    return dict.fromkeys(heads, scorer), version
 
 
 def head_ids_by_question(root: str | Path) -> dict[str, str]:

@@ -21,7 +21,9 @@ Generic recipe, applied identically to every question (nothing here knows a ques
    support-chat windows score far below the 0.45 that suits SGD's intent phrasing); otherwise a
    fixed midpoint. Without labels there is no real calibration.
 
-Question vectors are cached per (question id, version).
+Question vectors are cached per (question id, version, meaning): a question whose text or
+examples changed under the same version (which the registry refuses, but a caller may build) never
+gets the old prototype.
 
 Measured on the training split (macro ROC-AUC over the 13 shared questions; chosen there, not
 on the evaluation split): max cosine to the raw question 0.832; prototype of the expansions
@@ -41,6 +43,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from agents.questions import Question
+from agents.scoring import Plan, Stage1Result
+from agents.stacked import StackedChunks, rowwise
 from agents.types import EmbeddedConversation
 from models.embedder import Embedder
 
@@ -144,8 +148,8 @@ class SimilarityScorer:
 
     def __init__(self, embedder: Embedder) -> None:
         self._embedder = embedder
-        self._vectors: dict[tuple[str, int], np.ndarray] = {}
-        self._midpoints: dict[tuple[str, int], float] = {}
+        self._vectors: dict[tuple[str, int, str], np.ndarray] = {}
+        self._midpoints: dict[tuple[str, int, str], float] = {}
         self._background: np.ndarray | None = None
         self._lock = threading.Lock()
 
@@ -155,8 +159,12 @@ class SimilarityScorer:
             self._background = v / np.linalg.norm(v)
         return self._background
 
+    @staticmethod
+    def _key(question: Question) -> tuple[str, int, str]:
+        return question.id, question.version, question.meaning
+
     def prototype(self, question: Question) -> np.ndarray:
-        key = (question.id, question.version)
+        key = self._key(question)
         with self._lock:
             if key not in self._vectors:
                 texts = expand(question.text)
@@ -178,23 +186,25 @@ class SimilarityScorer:
                     self._midpoints[key] = (yes + no) / 2
             return self._vectors[key]
 
-    def scores(self, question: Question, convs: Sequence[EmbeddedConversation]) -> np.ndarray:
-        proto = self.prototype(question)
-        out = np.zeros(len(convs))
-        for i, c in enumerate(convs):
-            if len(c.chunks) == 0:
-                continue
-            s = c.vectors @ proto
-            out[i] = float(np.sort(s)[-_TOP:].mean())
+    def midpoint(self, question: Question) -> float:
+        """The score at which p_yes is 0.5 for this question."""
+        self.prototype(question)
+        return self._midpoints[self._key(question)]
+
+    def stage1(self, plan: Plan, convs: Sequence[EmbeddedConversation]) -> list[Stage1Result]:
+        """Every plan question's prototype against every chunk of the batch in one matrix product."""
+        if not plan:
+            return []
+        protos = np.stack([self.prototype(q) for q, _ in plan], 1)  # (dim, questions)
+        midpoints = np.array([self.midpoint(q) for q, _ in plan])
+        asked = sorted({i for _, idx in plan for i in idx})
+        row = {i: r for r, i in enumerate(asked)}
+        stacked = StackedChunks.of([convs[i] for i in asked], self._embedder.dim)
+        sims = rowwise(stacked.vectors.astype(np.float64), protos.astype(np.float64))
+        scores = stacked.top_mean(sims, _TOP)  # (conversations, questions)
+        out = []
+        for col, (q, idx) in enumerate(plan):
+            s = scores[[row[i] for i in idx], col]
+            p = 1.0 / (1.0 + np.exp(-_SLOPE * (s - midpoints[col])))
+            out.append(Stage1Result(p, q.threshold, q.band, self.decided_by))
         return out
-
-    def p_yes(self, question: Question, convs: Sequence[EmbeddedConversation]) -> np.ndarray:
-        scores = self.scores(question, convs)  # fills the prototype and midpoint caches
-        midpoint = self._midpoints[(question.id, question.version)]
-        return 1.0 / (1.0 + np.exp(-_SLOPE * (scores - midpoint)))
-
-    def threshold(self, question: Question) -> float:
-        return question.threshold
-
-    def band(self, question: Question) -> tuple[float, float]:
-        return question.band

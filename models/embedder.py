@@ -4,7 +4,8 @@ Backends give the same vectors (384-d, mean-pooled, L2-normalised):
 - ``onnx-int8`` (default): ONNX Runtime with per-channel int8 weights, ~2.5x the torch speed on CPU.
   Each text runs alone (see ``OnnxEmbedder``), so its vector never depends on other texts.
 - ``onnx``: ONNX Runtime fp32.
-- ``torch``: sentence-transformers, the reference the ONNX exports are checked against.
+- ``torch``: sentence-transformers, the reference the ONNX exports are checked against; the one
+  that runs on a GPU (``models.device``, ``models.dtype``).
 
 The ONNX files are exported once from the packaged weights into the cache directory, with the
 tokenizer beside them, so the ONNX backends run without torch or the weights package: the runtime
@@ -54,21 +55,27 @@ def _model_path() -> Path:
 
 
 class TorchEmbedder:
-    def __init__(self, batch_size: int = 64) -> None:
+    """sentence-transformers on `device` (cpu, cuda, cuda:N) in `dtype`. A dtype other than float32
+    gives other vectors, so it is part of the model id (heads trained on one refuse the other)."""
+
+    def __init__(self, batch_size: int = 64, device: str = "cpu", dtype: str = "float32") -> None:
+        import torch
         from sentence_transformers import SentenceTransformer
 
-        self._model = SentenceTransformer(str(_model_path()), device="cpu")
+        self._model = SentenceTransformer(str(_model_path()), device=device)
+        if dtype != "float32":
+            self._model = self._model.to(getattr(torch, dtype))
         self._batch_size = batch_size
-        self.model_id = f"{MODEL_NAME}:torch"
+        self.model_id = f"{MODEL_NAME}:torch" + ("" if dtype == "float32" else f"-{dtype}")
         self.dim = DIM
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, DIM), np.float32)
         out = self._model.encode(
-            list(texts), batch_size=self._batch_size, normalize_embeddings=True, convert_to_numpy=True
+            list(texts), batch_size=self._batch_size, normalize_embeddings=True, convert_to_tensor=True
         )
-        return out.astype(np.float32, copy=False)
+        return out.float().cpu().numpy()
 
 
 def onnx_dir() -> Path:
@@ -216,11 +223,11 @@ class OnnxEmbedder:
         return out
 
 
-def load_embedder(backend: str = "onnx-int8") -> Embedder:
-    if backend == "onnx-int8":
-        return OnnxEmbedder(quantize=True)
-    if backend == "onnx":
-        return OnnxEmbedder(quantize=False)
+def load_embedder(backend: str = "onnx-int8", device: str = "cpu", dtype: str = "float32") -> Embedder:
+    """`device` and `dtype` apply to the torch backend; the ONNX backends always run on the CPU
+    (so a GPU can serve the LLM while the int8 embedder stays on the CPU)."""
+    if backend in ("onnx-int8", "onnx"):
+        return OnnxEmbedder(quantize=backend == "onnx-int8")
     if backend == "torch":
-        return TorchEmbedder()
+        return TorchEmbedder(device=device, dtype=dtype)
     raise ValueError(f"unknown embedder backend {backend!r}: use one of {', '.join(BACKENDS)}")

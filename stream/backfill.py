@@ -44,12 +44,12 @@ from agents.store.conversations import ConversationsTable, Key, StoreMismatch
 from agents.types import EmbeddedConversation
 from stream.config import Settings
 from stream.dlq import DeadLetters
+from stream.errors import ErrorKind, FatalError, classify, describe
 from stream.headers import classification_headers
 from stream.intake import BACKOFF_MAX_S, BACKOFF_START_S, Fetched
 from stream.kafka import make_consumer, make_producer
 from stream.metrics import Metrics
 from stream.schemas import InvalidEvent, Reason, build_classification, classification_event_id, encode
-from stream.service import RETRIABLE
 
 log = logging.getLogger(__name__)
 
@@ -196,13 +196,29 @@ class BackfillWorker:
         if not await self.pacer.take(len(item.conversations), self._stopping):
             raise _Stopped
         backoff = BACKOFF_START_S
+        failed_once = False
         while True:
             try:
                 published, skipped = await self._answer(item, record, producer)
                 await self.jobs.item_done(item.job_id, item.item, len(item.conversations), published, skipped)
                 self.metrics.backfill_items.labels("done").inc()
                 return
-            except RETRIABLE as e:
+            except Exception as e:
+                kind = classify(e)
+                if kind is ErrorKind.FATAL:
+                    raise FatalError(f"backfill: {describe(e)}") from e
+                if kind is ErrorKind.PROCESSING:
+                    if failed_once:
+                        # Raised twice on the same item: dead-letter it rather than retry forever;
+                        # `flexor dlq replay` puts it back once the cause is fixed.
+                        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                        await dead_letters.send_all(
+                            [(Fetched(record, time.monotonic()),
+                              InvalidEvent(Reason.PROCESSING_ERROR, msg, type(e).__name__))]
+                        )
+                        self.metrics.backfill_items.labels("failed").inc()
+                        return
+                    failed_once = True
                 if self._stopping.is_set():
                     raise _Stopped from e
                 log.warning("backfill item %s/%d failed (%s: %s); retrying in %.1f s",
@@ -297,7 +313,7 @@ class BackfillWorker:
             subset = QuestionSet(questions=[q for q in qset.questions if q.id in missing])
             # The stored vectors are in memory already: rank them there (pgvector's order), which
             # keeps a backfill's retrieval off the database that live traffic uses.
-            answers = await self.pipeline.answer(todo, subset, evidence_in_memory=True)
+            answers = (await self.pipeline.answer(todo, subset, evidence_in_memory=True)).answers
             computed = [[a.as_dict() for a in row] for row in answers]
         events = []
         latency_ms = int((time.monotonic() - started) * 1000)

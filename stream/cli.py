@@ -66,11 +66,15 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from stream.app import run_service
+    from stream.errors import FatalError
 
     settings = _settings(args)
     _setup_logging(settings.log_level)
     logging.getLogger(__name__).info("config: %s", settings.redacted())
-    asyncio.run(run_service(settings, create_topics=args.create_topics))
+    try:
+        asyncio.run(run_service(settings, create_topics=args.create_topics))
+    except FatalError:
+        return 1  # the service logged the one line that says why
     return 0
 
 
@@ -197,9 +201,17 @@ COMMANDS = {
     "backfill": ("Answer stored conversations for new or changed questions (work shared by the replicas).",
                  "stream.backfill_command"),
     "search": ("Find the stored chunks closest to a text across all conversations.", "stream.search"),
-    "train": ("Train per-question heads from labelled conversations.", "agents.learn.train"),
+    "labels": ("Import a file of labels into the labels table (flexor labels import FILE).",
+               "agents.learn.labels_import"),
+    "label": ("Ask a teacher (an LLM, or gold:FILE) to label stored conversations for one question.",
+              "agents.learn.label"),
+    "train": ("Train per-question heads from labelled conversations or from the labels table.",
+              "agents.learn.train"),
     "eval": ("Evaluate the pipeline on labelled conversations and write a report.", "agents.learn.evaluate"),
-    "bench": ("Benchmarks: --e2e (service vs embed-only), --compare (baseline vs cascade), --load.", "stream.bench"),
+    "heads": ("Compare two sets of heads offline: heads diff LIVE CANDIDATE --conversations ...",
+              "stream.dev.heads_diff"),
+    "bench": ("Benchmarks: --e2e (service vs embed-only, reuse on vs off), --compare (baseline vs cascade), --load,"
+              " --llm-throughput, --learn.", "stream.bench"),
 }
 
 
@@ -230,7 +242,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             p.add_argument("--timeout", type=float, default=600.0, help="--demo gives up after this many seconds")
         elif name == "serve":
             _config_args(p)
-            p.add_argument("--create-topics", action="store_true", help="create missing topics at start")
+            p.add_argument("--create-topics", action="store_true",
+                           help="create missing topics at start (without it, a missing topic stops the service)")
         elif name in ("migrate",):
             _config_args(p)
         elif name == "produce":
@@ -280,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         target = args._target
         if isinstance(target, str):
+            # Tools under agents/ may not import stream: they get the settings through args.
+            args.settings = lambda: _settings(args)
             _, run = _delegate(target)
             code = run(args)  # type: ignore[operator]
         else:

@@ -66,6 +66,8 @@ class TopicsConfig(BaseModel):
     dlq: str = "conversations.dlq"
     # Backfill work items (`flexor backfill`), consumed by every replica in its own group.
     backfill: str = "conversations.backfill"
+    # Reviewers' answers (feedback.v1), stored as `human` labels by the service.
+    feedback: str = "classifications.feedback"
     # Used only when the service creates missing topics (--create-topics, flexor up).
     partitions: int = Field(default=4, ge=1)
     replication_factor: int = Field(default=1, ge=1)
@@ -78,6 +80,11 @@ class BatchConfig(BaseModel):
     max_wait_ms: int = Field(default=200, ge=1)
     # Records fetched but not yet committed; above it the consumer pauses its partitions.
     max_in_flight: int = Field(default=512, ge=1)
+    # Records whose classification raises go to the DLQ (`processing_error`), unless more than
+    # this share of the last `poison_window` classified records did: then the service stops, since
+    # a bad deploy must not drain the topic into the DLQ (`stream.poison`). 0 stops on the first.
+    max_poison_ratio: float = Field(default=0.05, ge=0.0, le=1.0)
+    poison_window: int = Field(default=200, ge=1)
 
 
 class BackfillConfig(BaseModel):
@@ -115,6 +122,44 @@ class ModelsConfig(BaseModel):
     heads_dir: Path | None = None
     # LLM engine spec for the uncertain band (hf-tiny, hf:PATH, openai:URL, trtllm:PATH); None = off.
     llm: str | None = None
+    # Chunk vectors kept for reuse (later revisions, repeated windows); 0 = embed every chunk again.
+    embedding_cache_mb: int = Field(default=64, ge=0)
+    # Where the torch-based models run (the `torch` embedder, `hf` LLM engines), and in which dtype.
+    # The ONNX embedders run on the CPU in their own precision.
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # Share of events whose confident stage-1 answers the LLM also answers (agents/audit.py);
+    # None = 0.01 with an LLM, else 0.
+    llm_audit_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+    # Candidate heads scored beside the live ones, never published (agents/shadow.py).
+    shadow_heads_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _audit_needs_llm(self) -> ModelsConfig:
+        if self.llm_audit_rate and not self.llm:
+            raise ValueError("llm_audit_rate needs an LLM to audit with: set models.llm, or the rate to 0")
+        return self
+
+    @property
+    def audit_rate(self) -> float:
+        if self.llm_audit_rate is not None:
+            return self.llm_audit_rate
+        return 0.01 if self.llm else 0.0
+
+
+class DriftConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Answers per question in the sliding window compared with the heads' training data.
+    window: int = Field(default=1000, ge=10)
+    # PSI is reported once the window holds this many answers (a small window is mostly noise).
+    min_answers: int = Field(default=200, ge=1)
+
+    @model_validator(mode="after")
+    def _min_within_window(self) -> DriftConfig:
+        if self.min_answers > self.window:
+            raise ValueError("min_answers cannot exceed window")
+        return self
 
 
 class Settings(BaseSettings):
@@ -130,6 +175,7 @@ class Settings(BaseSettings):
     backfill: BackfillConfig = BackfillConfig()
     limits: LimitsConfig = LimitsConfig()
     models: ModelsConfig = ModelsConfig()
+    drift: DriftConfig = DriftConfig()
     questions_file: Path = EXAMPLE_QUESTIONS
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
@@ -245,6 +291,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "FLEXOR_TOPICS__DLQ": settings.topics.dlq,
         "FLEXOR_TOPICS__BACKFILL": settings.topics.backfill,
         "FLEXOR_BACKFILL__MAX_RATE": str(settings.backfill.max_rate),
+        "FLEXOR_TOPICS__FEEDBACK": settings.topics.feedback,
         "FLEXOR_GROUP_ID": settings.group_id,
         "FLEXOR_QUESTIONS_FILE": str(settings.questions_file),
         "FLEXOR_METRICS_HOST": settings.metrics_host,
@@ -252,9 +299,20 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "FLEXOR_BATCH__MAX_WAIT_MS": str(settings.batch.max_wait_ms),
         "FLEXOR_BATCH__MAX_EVENTS": str(settings.batch.max_events),
         "FLEXOR_BATCH__MAX_IN_FLIGHT": str(settings.batch.max_in_flight),
+        "FLEXOR_BATCH__MAX_POISON_RATIO": str(settings.batch.max_poison_ratio),
+        "FLEXOR_BATCH__POISON_WINDOW": str(settings.batch.poison_window),
     }
     if settings.kafka.transactional_id:
         env["FLEXOR_KAFKA__TRANSACTIONAL_ID"] = settings.kafka.transactional_id
+    m = settings.models
+    env["FLEXOR_MODELS__EMBEDDER"] = m.embedder
+    env["FLEXOR_MODELS__EMBEDDING_CACHE_MB"] = str(m.embedding_cache_mb)
+    env["FLEXOR_MODELS__DEVICE"] = m.device
+    env["FLEXOR_MODELS__DTYPE"] = m.dtype
+    if m.heads_dir is not None:
+        env["FLEXOR_MODELS__HEADS_DIR"] = str(m.heads_dir)
+    if m.llm:
+        env["FLEXOR_MODELS__LLM"] = m.llm
     return env
 
 

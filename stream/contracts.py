@@ -15,15 +15,14 @@ from pydantic import BaseModel
 from stream import schemas
 from stream.backfill import WorkItem
 
-# File stem -> model. feedback.v1 joins here once its model is in stream.schemas.
+# File stem -> model.
 MODELS: dict[str, type[BaseModel]] = {
     "conversation.v1": schemas.ConversationV1,
     "classification.v1": schemas.ClassificationV1,
+    "feedback.v1": schemas.FeedbackV1,
     "dead-letter.headers.v1": schemas.DeadLetterHeadersV1,
     "backfill.v1": WorkItem,
 }
-if hasattr(schemas, "FeedbackV1"):
-    MODELS["feedback.v1"] = schemas.FeedbackV1
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "docs" / "schemas"
 

@@ -16,7 +16,9 @@ The delivery mode is one strategy object, chosen once at start:
   predecessor and aborts its open transaction.
 
 Commit order (as quix-streams writes it down): produce and await delivery, write Postgres, then
-commit offsets.
+commit offsets. A step that fails is retried by the service with the batch's results kept
+(`Progress` says what an earlier attempt finished): at-least-once does not produce the output
+again once it was acknowledged; a transaction starts over, since an aborted one left nothing.
 """
 
 from __future__ import annotations
@@ -26,15 +28,17 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
 from agents.store.classifications import ClassificationsTable
 from stream.config import Settings
 from stream.dlq import DeadLetters, Invalid
+from stream.errors import REBALANCE_ERRORS, ErrorKind, FatalError, classify, describe
 from stream.headers import classification_headers
 from stream.intake import Fetched
 from stream.metrics import Metrics
@@ -44,6 +48,13 @@ from stream.schemas import encode
 log = logging.getLogger(__name__)
 
 Events = Sequence[tuple[Fetched, dict[str, Any]]]
+
+
+@dataclass
+class Progress:
+    """What earlier attempts at delivering a batch already finished."""
+
+    produced: bool = False  # the output events were acknowledged by the broker
 
 
 def transactional_id(settings: Settings) -> str | None:
@@ -78,14 +89,16 @@ class Delivery:
         self.dead_letters = dead_letters
         self.metrics = metrics
 
-    async def deliver(self, batch: Sequence[Fetched], invalid: Invalid, events: Events, qset_version: str) -> None:
+    async def deliver(
+        self, batch: Sequence[Fetched], invalid: Invalid, events: Events, qset_version: str, progress: Progress
+    ) -> None:
         raise NotImplementedError
 
     async def commit(self, only: set[TopicPartition] | None = None) -> None:
         raise NotImplementedError
 
-    async def _publish(self, events: Events, qset_version: str) -> None:
-        """Produce the output events and await their acknowledgement, then upsert their rows."""
+    async def _produce(self, events: Events) -> None:
+        """Produce the output events and await their acknowledgement."""
         if not events:
             return
         t0 = time.perf_counter()
@@ -100,6 +113,11 @@ class Delivery:
         ]
         await asyncio.gather(*futures)
         self.metrics.stage_seconds.labels("produce").observe(time.perf_counter() - t0)
+
+    async def _persist(self, events: Events, qset_version: str) -> None:
+        """Upsert the events' rows."""
+        if not events:
+            return
         t0 = time.perf_counter()
         await self.table.upsert([(ev, qset_version) for _, ev in events])
         self.metrics.stage_seconds.labels("persist").observe(time.perf_counter() - t0)
@@ -117,10 +135,15 @@ class Delivery:
 
 
 class AtLeastOnce(Delivery):
-    async def deliver(self, batch: Sequence[Fetched], invalid: Invalid, events: Events, qset_version: str) -> None:
+    async def deliver(
+        self, batch: Sequence[Fetched], invalid: Invalid, events: Events, qset_version: str, progress: Progress
+    ) -> None:
         # Once per record even if the batch is retried.
         await self.dead_letters.send_all([(f, e) for f, e in invalid if not f.dlq_sent])
-        await self._publish(events, qset_version)
+        if not progress.produced:
+            await self._produce(events)
+            progress.produced = True
+        await self._persist(events, qset_version)
         self._mark_done(batch)
         self._observe_latency(events)
 
@@ -131,8 +154,10 @@ class AtLeastOnce(Delivery):
             return
         try:
             await self.consumer.commit(positions)
-        except (CommitFailedError, KafkaError) as e:
+        except KafkaError as e:
             self.metrics.commits.labels("failed").inc()
+            if not isinstance(e, REBALANCE_ERRORS) and classify(e) is ErrorKind.FATAL:
+                raise FatalError(f"commit: {describe(e)}") from e
             log.warning("commit failed (%s): will retry with the next batch", e)
             return
         self.tracker.committed(positions)
@@ -142,14 +167,17 @@ class AtLeastOnce(Delivery):
 class ExactlyOnce(Delivery):
     skips_replays = False
 
-    async def deliver(self, batch: Sequence[Fetched], invalid: Invalid, events: Events, qset_version: str) -> None:
+    async def deliver(
+        self, batch: Sequence[Fetched], invalid: Invalid, events: Events, qset_version: str, progress: Progress
+    ) -> None:
         """Dead letters, outputs and input offsets in one transaction; rows stored before it
-        commits. Any failure aborts it (nothing becomes visible) and re-raises, so the batch is
-        retried whole or the service stops."""
+        commits. Any failure aborts it (nothing becomes visible) and re-raises, so the delivery is
+        retried whole (`progress` does not apply) or the service stops."""
         await self.producer.begin_transaction()
         try:
             await self.dead_letters.send_all(invalid, count=False)  # counted once the transaction commits
-            await self._publish(events, qset_version)
+            await self._produce(events)
+            await self._persist(events, qset_version)
             self._mark_done(batch)
             positions = {tp: pos for tp, pos in self.tracker.to_commit().items() if self.tracker.owns(tp)}
             if positions:

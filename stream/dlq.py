@@ -62,6 +62,6 @@ class DeadLetters:
             value, truncated_from = value[: self.max_bytes], len(value)
         headers = dead_letter_headers(
             r.headers, topic=r.topic, partition=r.partition, offset=r.offset, group_id=self.group_id,
-            reason=e.reason.value, message=e.message, truncated_from=truncated_from,
+            reason=e.reason.value, message=e.message, truncated_from=truncated_from, error_type=e.error_type,
         )
         return await self.producer.send(self.topic, value, key=r.key, headers=headers)

@@ -19,7 +19,7 @@ DEAD_LETTER_TYPE = "flexor.deadletter.v1"
 TRACE_HEADERS = ("traceparent", "tracestate")
 # What the DLQ adds to a record's own headers; an original header of the same name is kept as
 # `original.<name>`, so a replay can give the record back exactly as it came.
-ERROR_HEADERS = ("error.reason", "error.message", "error.truncated_from")
+ERROR_HEADERS = ("error.reason", "error.message", "error.type", "error.truncated_from")
 SOURCE_HEADERS = ("source.topic", "source.partition", "source.offset")
 CE_HEADERS = ("ce_specversion", "ce_id", "ce_source", "ce_type", "ce_time", "ce_subject", "content-type")
 DLQ_ADDED = frozenset(ERROR_HEADERS + SOURCE_HEADERS + CE_HEADERS)
@@ -63,7 +63,7 @@ def classification_headers(
 
 def dead_letter_headers(
     original: Sequence[tuple[str, bytes]] | None, *, topic: str, partition: int, offset: int, group_id: str,
-    reason: str, message: str, truncated_from: int | None = None,
+    reason: str, message: str, truncated_from: int | None = None, error_type: str | None = None,
 ) -> Headers:
     """The original headers (renamed where they clash), the error and its source, and CloudEvents
     attributes. The body is the original bytes, whatever they are: `application/octet-stream`."""
@@ -72,6 +72,8 @@ def dead_letter_headers(
         ("error.reason", reason.encode()),
         ("error.message", message[:1000].encode("utf-8", "replace")),
     ]
+    if error_type is not None:  # a processing error: the exception's type
+        added.append(("error.type", error_type.encode()))
     if truncated_from is not None:
         added.append(("error.truncated_from", str(truncated_from).encode()))
     added += [

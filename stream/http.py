@@ -1,14 +1,18 @@
-"""/metrics, /healthz (the process is alive) and /readyz (Kafka and Postgres reachable)."""
+"""/metrics, /healthz (the process is alive) and /readyz (ready to work: a JSON body says the
+state, `ready`, `retrying` or `failed`, each dependency, and the error being retried or fatal)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 
-def make_app(registry: CollectorRegistry, ready: Callable[[], dict[str, bool]]) -> web.Application:
+def make_app(registry: CollectorRegistry, readiness: Callable[[], dict[str, Any]]) -> web.Application:
+    """`readiness()` returns the /readyz body; its "ready" key decides between 200 and 503."""
+
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -16,9 +20,8 @@ def make_app(registry: CollectorRegistry, ready: Callable[[], dict[str, bool]]) 
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
-        checks = ready()
-        ok = all(checks.values())
-        return web.json_response({"ready": ok, **checks}, status=200 if ok else 503)
+        body = readiness()
+        return web.json_response(body, status=200 if body["ready"] else 503)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

@@ -20,6 +20,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from stream.batching import MicroBatcher
 from stream.config import Settings
+from stream.errors import ErrorKind, FatalError, classify, describe
 from stream.metrics import Metrics
 from stream.offsets import OffsetTracker
 
@@ -80,6 +81,8 @@ class Intake:
                 records = await self.consumer.getmany(timeout_ms=wait_ms, max_records=self.settings.batch.max_events)
                 backoff = BACKOFF_START_S
             except KafkaError as e:
+                if classify(e) is ErrorKind.FATAL:  # e.g. not authorised to read the topic or join the group
+                    raise FatalError(f"fetch: {describe(e)}") from e
                 log.warning("fetch failed (%s), retrying in %.1f s", e, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)

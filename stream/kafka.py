@@ -9,7 +9,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from stream.config import KafkaConfig
+from stream.config import KafkaConfig, TopicsConfig
 
 
 def connection_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
@@ -60,12 +60,18 @@ def make_producer(
     return AIOKafkaProducer(**kw, **connection_kwargs(cfg))
 
 
-async def ensure_topics(cfg: KafkaConfig, topics: list[str], partitions: int) -> None:
+async def ensure_topics(cfg: KafkaConfig, topics: TopicsConfig) -> None:
+    """Create the input, output, DLQ, feedback and backfill topics that do not exist yet, with
+    `topics.partitions` and `topics.replication_factor`; existing ones are left as they are."""
     admin = AIOKafkaAdminClient(**connection_kwargs(cfg))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        new = [NewTopic(t, partitions, 1) for t in topics if t not in existing]
+        new = [
+            NewTopic(t, topics.partitions, topics.replication_factor)
+            for t in (topics.input, topics.output, topics.dlq, topics.feedback, topics.backfill)
+            if t not in existing
+        ]
         if new:
             try:
                 await admin.create_topics(new)

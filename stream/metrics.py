@@ -66,6 +66,16 @@ class Metrics:
         self.cache = Counter(
             "flexor_result_cache_total", "LLM result cache lookups", ["result"], registry=registry
         )
+        self.texts_embedded = Counter(
+            "flexor_texts_embedded_total", "Chunk texts run through the embedder", registry=registry
+        )
+        self.embedding_cache = Counter(
+            "flexor_embedding_cache_total", "Chunk texts looked up in the embedding reuse cache", ["result"],
+            registry=registry,
+        )
+        self.embedding_cache_bytes = Gauge(
+            "flexor_embedding_cache_bytes", "Bytes held by the embedding reuse cache", registry=registry
+        )
         self.transactions = Counter(
             "flexor_transactions_total", "Exactly-once batch transactions", ["result"], registry=registry
         )
@@ -79,6 +89,9 @@ class Metrics:
             "flexor_backfill_items_total", "Backfill work items finished or dead-lettered", ["result"],
             registry=registry,
         )
+        self.feedback = Counter(
+            "flexor_feedback_total", "Feedback records consumed", ["result"], registry=registry
+        )
         self.ready = Gauge("flexor_ready", "1 when Kafka and Postgres are reachable", registry=registry)
         self.dependency_up = Gauge(
             "flexor_dependency_up", "1 while the dependency is reachable", ["dependency"], registry=registry
@@ -86,4 +99,29 @@ class Metrics:
         self.dependency_errors = Counter(
             "flexor_dependency_errors_total", "Failed attempts to reach a dependency (probes and batches)",
             ["dependency"], registry=registry,
+        )
+        # Are the answers still right? (agents/monitor.py: audit sampling, shadow heads, drift)
+        self.audit = Counter(
+            "flexor_audit_answers_total", "Audited stage-1 answers, by agreement with the LLM",
+            ["question_id", "result"], registry=registry,
+        )
+        self.audit_failures = Counter(
+            "flexor_audit_failures_total", "Audited answers without a stored LLM answer", ["reason"],
+            registry=registry,
+        )
+        self.shadow = Counter(
+            "flexor_shadow_answers_total", "Candidate-head answers, by agreement with the live heads' answers",
+            ["question_id", "result"], registry=registry,
+        )
+        self.drift_psi = Gauge(
+            "flexor_drift_psi", "Population stability index of recent p_yes against the head's training data",
+            ["question_id"], registry=registry,
+        )
+        self.yes_rate = Gauge(
+            "flexor_drift_yes_rate", "Share of yes answers (stage 1) in the recent window", ["question_id"],
+            registry=registry,
+        )
+        self.reference_yes_rate = Gauge(
+            "flexor_drift_reference_yes_rate", "Share of yes answers of the live head on its training data",
+            ["question_id"], registry=registry,
         )

@@ -1,7 +1,7 @@
 """`flexor dlq summary` and `flexor dlq replay`: put dead letters back once their cause is fixed.
 
 Replay re-produces each chosen dead letter's original key, bytes and headers (`stream.headers`
-undoes what the DLQ added) to the input topic:
+undoes what the DLQ added) to the input topic (dead feedback to the feedback topic):
 
 - at most once per DLQ offset: each record is claimed in the `dlq_replays` table before it is
   produced, so neither a second run nor another filter sends it again (a crash between the claim
@@ -223,17 +223,23 @@ async def _replay_batch(
             report.truncated += 1
         else:
             chosen.append(r)
-    keys = [(r.partition, r.offset) for r in chosen]
-    if report.dry_run:
-        fresh = set(keys) - await table.replayed(topic, keys)
-    else:
-        fresh = await table.claim(topic, target, [(r.partition, r.offset, reason_of(r)) for r in chosen])
-    report.already += len(keys) - len(fresh)
-    send = [r for r in chosen if (r.partition, r.offset) in fresh]
-    for r in send:
-        report.replayed[reason_of(r)] += 1
-    if send and not report.dry_run:
-        log.info("replaying %s to %s", ", ".join(f"{topic}/{r.partition}@{r.offset}" for r in send), target)
-        futures = [await producer.send(target, r.value, key=r.key, headers=original_headers(r.headers)) for r in send]
-        await asyncio.gather(*futures)
+    # Bad feedback shares the DLQ topic: it goes back to the feedback topic, the rest to the input.
+    by_target: dict[str, list[Record]] = {}
+    for r in chosen:
+        fed = header(r, "source.topic") == settings.topics.feedback
+        by_target.setdefault(settings.topics.feedback if fed else target, []).append(r)
+    for to, records in by_target.items():
+        keys = [(r.partition, r.offset) for r in records]
+        if report.dry_run:
+            fresh = set(keys) - await table.replayed(topic, keys)
+        else:
+            fresh = await table.claim(topic, to, [(r.partition, r.offset, reason_of(r)) for r in records])
+        report.already += len(keys) - len(fresh)
+        send = [r for r in records if (r.partition, r.offset) in fresh]
+        for r in send:
+            report.replayed[reason_of(r)] += 1
+        if send and not report.dry_run:
+            log.info("replaying %s to %s", ", ".join(f"{topic}/{r.partition}@{r.offset}" for r in send), to)
+            futures = [await producer.send(to, r.value, key=r.key, headers=original_headers(r.headers)) for r in send]
+            await asyncio.gather(*futures)
     return commit

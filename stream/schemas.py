@@ -20,6 +20,7 @@ from stream.config import LimitsConfig
 
 INPUT_SCHEMA = "conversation.v1"
 OUTPUT_SCHEMA = "classification.v1"
+FEEDBACK_SCHEMA = "feedback.v1"
 
 
 class Reason(StrEnum):
@@ -31,13 +32,18 @@ class Reason(StrEnum):
     EMPTY_TURNS = "empty_turns"
     TOO_MANY_TURNS = "too_many_turns"
     TEXT_TOO_LONG = "text_too_long"
+    # Valid, but classifying it raised (`stream.poison`); not a decode outcome.
+    PROCESSING_ERROR = "processing_error"
 
 
 class InvalidEvent(ValueError):
-    def __init__(self, reason: Reason, message: str) -> None:
+    """`error_type`: the exception's type when a processing error put the record in the DLQ."""
+
+    def __init__(self, reason: Reason, message: str, error_type: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.error_type = error_type
 
 
 class TurnV1(BaseModel):
@@ -132,6 +138,45 @@ def _check_storable(event: ConversationV1) -> None:
             raise InvalidEvent(Reason.INVALID_FIELDS, f"metadata: nested deeper than {MAX_METADATA_DEPTH} levels")
         children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
         stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+
+
+class FeedbackV1(BaseModel):
+    """A reviewer's answer to one question about one conversation revision (topic `topics.feedback`)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    schema_: Literal["feedback.v1"] = Field(alias="schema")
+    tenant_id: str = Field(min_length=1, max_length=128)
+    conversation_id: str = Field(min_length=1, max_length=256)
+    revision: int = Field(ge=0, le=2**31 - 1)
+    question_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    question_version: int = Field(ge=1, le=2**31 - 1)
+    answer: Literal["yes", "no"]
+    reviewer: str = Field(min_length=1, max_length=256)
+
+
+def decode_feedback(raw: bytes | None, limits: LimitsConfig) -> FeedbackV1:
+    """feedback.v1 bytes -> FeedbackV1; InvalidEvent with the reason otherwise."""
+    if raw is None:
+        raise InvalidEvent(Reason.NOT_JSON, "event has no value (tombstone)")
+    if len(raw) > limits.max_event_bytes:
+        raise InvalidEvent(Reason.TOO_LARGE, f"event is {len(raw)} bytes, limit is {limits.max_event_bytes}")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise InvalidEvent(Reason.NOT_JSON, f"not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidEvent(Reason.NOT_OBJECT, f"event is a JSON {type(data).__name__}, not an object")
+    if data.get("schema") != FEEDBACK_SCHEMA:
+        raise InvalidEvent(Reason.UNKNOWN_SCHEMA, f"schema is {data.get('schema')!r}, expected {FEEDBACK_SCHEMA!r}")
+    if b"\\u0000" in raw:  # Postgres text cannot hold NUL
+        raise InvalidEvent(Reason.INVALID_FIELDS, "NUL characters (\\u0000) are not supported")
+    try:
+        return FeedbackV1.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidEvent(Reason.INVALID_FIELDS, f"{where}: {first['msg']}") from None
 
 
 def classification_event_id(
@@ -231,6 +276,9 @@ class DeadLetterHeadersV1(BaseModel):
 
     error_reason: Reason = Field(alias="error.reason")
     error_message: str = Field(alias="error.message")
+    error_type: str | None = Field(
+        default=None, alias="error.type", description="the exception's type, for reason processing_error"
+    )
     error_truncated_from: str | None = Field(
         default=None, alias="error.truncated_from", pattern=r"^[0-9]+$",
         description="the original length in bytes, when the value was cut to limits.max_event_bytes",

@@ -86,8 +86,9 @@ def settings(infra: Endpoints, database: str) -> Settings:
     return make_settings(infra, database)
 
 
-def make_settings(infra: Endpoints, database: str) -> Settings:
-    """Settings for one test: its own database, topics and consumer group, short timeouts."""
+def make_settings(infra: Endpoints, database: str, **overrides: object) -> Settings:
+    """Settings for one test: its own database, topics and consumer group, short timeouts;
+    `overrides` by dotted name ("models.llm")."""
     suffix = uuid.uuid4().hex[:8]
     return load_settings(
         None,
@@ -101,12 +102,14 @@ def make_settings(infra: Endpoints, database: str) -> Settings:
             "topics.output": f"classifications-{suffix}",
             "topics.dlq": f"dlq-{suffix}",
             "topics.backfill": f"backfill-{suffix}",
+            "topics.feedback": f"feedback-{suffix}",
             "topics.partitions": 4,
             "group_id": f"group-{suffix}",
             "questions_file": EXAMPLES / "questions.yaml",
             "metrics_port": 0,
             "metrics_host": "127.0.0.1",
             "batch.max_wait_ms": 100,
+            **overrides,
         },
     )
 

@@ -38,8 +38,7 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what:
 
 
 async def create_topics(settings: Settings) -> None:
-    t = settings.topics
-    await ensure_topics(settings.kafka, [t.input, t.output, t.dlq], t.partitions)
+    await ensure_topics(settings.kafka, settings.topics)
 
 
 @asynccontextmanager
@@ -154,12 +153,12 @@ def service_env(settings: Settings) -> dict[str, str]:
     return {**env, **settings_env(settings)}
 
 
-def start_serve(settings: Settings, log_path: Path) -> subprocess.Popen:  # type: ignore[type-arg]
+def start_serve(settings: Settings, log_path: Path, create_topics: bool = True) -> subprocess.Popen:  # type: ignore[type-arg]
     flexor = Path(sys.executable).parent / "flexor"
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [str(flexor), "serve", "--create-topics"], env=service_env(settings), stdout=log,
-            stderr=subprocess.STDOUT, cwd=REPO,
+            [str(flexor), "serve", *(["--create-topics"] if create_topics else [])], env=service_env(settings),
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
         )
 
 

@@ -2,10 +2,19 @@
 
     flexor eval --conversations star.jsonl.gz sgd.jsonl.gz --questions questions.json \
         --answers answers.jsonl.gz --split eval [--heads DIR] --report DIR
+    flexor eval --conversations conversations.jsonl --questions questions.yaml \
+        --answers labels.jsonl --split all --report DIR
+    flexor eval --from-store [--questions questions.yaml] [--split eval] [--heads DIR] --report DIR
+
+Data (`agents.learn.datasets`): the research files; the service's formats (conversation.v1,
+questions.yaml, labels JSONL; split 80/20 by a hash of the conversation id; questions select
+conversations by `applies_to`); or, with ``--from-store``, the labels table and the stored
+conversations with their stored vectors (split ``eval``: the held-out share `train
+--from-store` leaves out). Only labelled (conversation, question) pairs are scored.
 
 The same code as the service answers every conversation: chunking, embedding, evidence
 retrieval (the in-memory store, ranked as pgvector ranks) and the cascade (heads where
-DIR has one, else the zero-shot scorer). Only then are gold answers read and compared.
+DIR has one, else the zero-shot scorer). Only then are gold answers compared.
 Writes DIR/report.json, DIR/report.md, DIR/pr_curves.png and DIR/reliability.png.
 """
 
@@ -27,20 +36,12 @@ import numpy as np
 
 from agents.cascade import Cascade
 from agents.evidence import MemoryEvidenceStore
+from agents.learn.datasets import HOLDOUT, LabelledSet, read_labelled, read_questions_file
 from agents.learn.embedcache import CachingEmbedder
-from agents.learn.labelled import (
-    LabelledQuestion,
-    add_data_arguments,
-    question_set,
-    read_answers,
-    read_conversations,
-    read_questions,
-    source_names,
-    to_conversation,
-)
+from agents.learn.labelled import add_data_arguments, check_data_arguments, source_names
 from agents.learn.metrics import pr_curve, reliability, summarize
 from agents.pipeline import Pipeline
-from agents.questions import QuestionSet
+from agents.questions import Question, QuestionSet
 from agents.similarity import SimilarityScorer
 from agents.types import Answer, Conversation
 from models.embedder import Embedder, load_embedder
@@ -54,6 +55,11 @@ PATHS = {"head": "head", "few-shot": "few-shot", "similarity": "zero-shot", "llm
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser, split="eval")
+    parser.add_argument("--from-store", action="store_true",
+                        help="score the labels table's held-out share on the stored conversations")
+    parser.add_argument("--holdout", type=float, default=HOLDOUT,
+                        help="--from-store: share of conversations (by id hash) held out as split eval")
+    parser.add_argument("--tenant", default=None, help="--from-store: this tenant's labels only")
     parser.add_argument("--heads", default=None, help="heads directory from `flexor train`")
     parser.add_argument("--report", required=True, help="directory for report.json, report.md and plots")
     parser.add_argument("--batch", type=int, default=BATCH, help="conversations per pipeline call")
@@ -110,45 +116,49 @@ def _path_of(decided_by: str) -> str:
 
 
 def build_report(
-    questions: Sequence[LabelledQuestion],
+    questions: Sequence[Question],
     conv_ids: Sequence[str],
     answers: Sequence[Sequence[Answer]],
-    gold: dict[tuple[str, str], bool],
+    gold: dict[tuple[str, int], bool],
     *,
     heads_by_question: dict[str, str],
     seconds: float,
+    groups: dict[str, str | None] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """report.json content, and per question (gold, p_yes) arrays for the plots."""
-    by_key: dict[tuple[str, str], Answer] = {}
+    """report.json content, and per question (gold, p_yes) arrays for the plots. `gold` is keyed
+    by (question id, index into conv_ids); `groups` gives each question's dataset, if any."""
+    by_key: dict[tuple[str, int], Answer] = {}
     stages: Counter[str] = Counter()
-    for cid, row in zip(conv_ids, answers, strict=True):
+    for i, row in enumerate(answers):
         for a in row:
-            by_key[(a.question_id, cid)] = a
+            by_key[(a.question_id, i)] = a
             stages[a.decided_by] += 1
     per_q: dict[str, Any] = {}
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    labelled: dict[str, list[tuple[int, bool]]] = {}
+    for (qid, i), y in gold.items():
+        labelled.setdefault(qid, []).append((i, y))
     for q in questions:
-        rows = [(gold[(q.question_id, cid)], by_key.get((q.question_id, cid))) for cid in conv_ids
-                if (q.question_id, cid) in gold]
+        rows = [(y, by_key.get((q.id, i))) for i, y in sorted(labelled.get(q.id, []))]
         missing = sum(a is None for _, a in rows)
         if missing:
-            log.warning("%s: %d gold rows got no answer (question did not apply)", q.question_id, missing)
+            log.warning("%s: %d gold rows got no answer (question did not apply)", q.id, missing)
         rows = [(y, a) for y, a in rows if a is not None]
         y = np.array([r[0] for r in rows], bool)
         p = np.array([r[1].p_yes for r in rows], np.float64)
         pred = np.array([r[1].answer == "yes" for r in rows], bool)
         paths = Counter(_path_of(r[1].decided_by) for r in rows)
         entry: dict[str, Any] = {
-            "path": paths.most_common(1)[0][0] if paths else ("head" if q.question_id in heads_by_question
+            "path": paths.most_common(1)[0][0] if paths else ("head" if q.id in heads_by_question
                                                               else "zero-shot"),
             "paths": dict(paths),
-            "dataset": q.dataset,
+            "dataset": (groups or {}).get(q.id),
             "question": q.text,
         }
         entry.update(summarize(y, p, pred))
-        per_q[q.question_id] = _clean(entry)
-        arrays[q.question_id] = (y, p)
+        per_q[q.id] = _clean(entry)
+        arrays[q.id] = (y, p)
     f1s = [e["f1"] for e in per_q.values() if e["n"]]
     aucs = [e["roc_auc"] for e in per_q.values() if e["roc_auc"] is not None]
     total = sum(stages.values())
@@ -208,12 +218,13 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_answers(path: Path, conv_ids: Sequence[str], answers: Sequence[Sequence[Answer]]) -> None:
+def write_answers(path: Path, convs: Sequence[Conversation], answers: Sequence[Sequence[Answer]]) -> None:
     """Every answer the pipeline gave (no gold): what the service would have published."""
     with open(path, "w") as f:
-        for cid, row in zip(conv_ids, answers, strict=True):
+        for c, row in zip(convs, answers, strict=True):
             for a in row:
-                f.write(json.dumps({"conversation_id": cid, **a.as_dict()}) + "\n")
+                f.write(json.dumps({"tenant_id": c.tenant_id, "conversation_id": c.conversation_id,
+                                    "revision": c.revision, **a.as_dict()}) + "\n")
 
 
 def write_plots(arrays: dict[str, tuple[np.ndarray, np.ndarray]], out: Path) -> list[str]:
@@ -255,50 +266,98 @@ def write_plots(arrays: dict[str, tuple[np.ndarray, np.ndarray]], out: Path) -> 
     return ["pr_curves.png", "reliability.png"]
 
 
+def read_eval_data(args: argparse.Namespace, embedder: Embedder) -> tuple[LabelledSet, list[str]]:
+    """(labelled set of the split, source names) from the files or, with --from-store, the store."""
+    if not args.from_store:
+        check_data_arguments(args)
+        data = read_labelled(args.conversations, args.questions, args.answers, args.split, args.limit)
+        return data, source_names(args.conversations)
+    from agents.learn.stored import load_labelled, open_settings_pool
+
+    if not hasattr(args, "settings"):
+        raise ValueError("--from-store reads the database from the flexor settings: run `flexor eval --from-store`")
+    settings = args.settings()
+    questions = read_questions_file(args.questions or settings.questions_file)[0]
+
+    async def go() -> LabelledSet:
+        pool = await open_settings_pool(settings)
+        try:
+            return await load_labelled(pool, questions, embedder.model_id, args.split, holdout=args.holdout,
+                                       tenant_id=args.tenant)
+        finally:
+            await pool.close()
+
+    return asyncio.run(go()), ["store"]
+
+
+def evaluate(
+    data: LabelledSet,
+    embedder: Embedder,
+    heads: str | Path | None,
+    *,
+    batch: int = BATCH,
+    progress: bool = False,
+) -> tuple[list[list[Answer]], dict[str, str], str, float]:
+    """The pipeline's answers for every conversation of `data` (answers, question id -> head id,
+    heads version, seconds in the pipeline). Stored vectors (`data.embedded`) are used as they
+    are: nothing is embedded again."""
+    from agents.learn.stored import StoredVectors
+
+    if data.embedded is not None:
+        embedder = StoredVectors(embedder, data.embedded)
+    pipeline, heads_by_question, heads_version = build_pipeline(embedder, heads)
+    qset = QuestionSet(questions=[q.model_copy(update={"head": heads_by_question.get(q.id)})
+                                  for q in data.questions.questions])
+    # The classifier sees the conversations only; gold answers are compared after it has answered.
+    answers, seconds = asyncio.run(classify_all(pipeline, data.conversations, qset, batch, progress=progress))
+    return answers, heads_by_question, heads_version, seconds
+
+
 def run(args: argparse.Namespace) -> int:
-    questions = read_questions(args.questions)
-    labelled = read_conversations(args.conversations, args.split, limit=args.limit)
-    if not labelled:
-        print("no conversations in the requested split", file=sys.stderr)
+    name = args.embedder or (args.settings().models.embedder if args.from_store else "onnx-int8")
+    base = load_embedder(name)
+    embedder: Embedder = base if args.no_cache or args.from_store else CachingEmbedder(base)
+    data, sources = read_eval_data(args, embedder)
+    for note in data.notes:
+        print(note, file=sys.stderr)
+    if not data.conversations:
+        print("no labelled conversations in the requested split", file=sys.stderr)
         return 2
-    base = load_embedder(args.embedder)
-    embedder: Embedder = base if args.no_cache else CachingEmbedder(base)
-    pipeline, heads_by_question, heads_version = build_pipeline(embedder, args.heads)
-    qset = question_set(questions, heads_by_question)
-    for q in questions:
-        if args.heads and q.question_id not in heads_by_question:
-            print(f"{q.question_id}: no head in {args.heads}: zero-shot path", file=sys.stderr)
-    convs = [to_conversation(c) for c in labelled]
-    # The classifier sees `convs` only; gold answers are read after it has answered.
-    answers, seconds = asyncio.run(
-        classify_all(pipeline, convs, qset, args.batch, progress=not args.no_progress and sys.stderr.isatty())
+    answers, heads_by_question, heads_version, seconds = evaluate(
+        data, embedder, args.heads, batch=args.batch, progress=not args.no_progress and sys.stderr.isatty()
     )
+    for q in data.questions.questions:
+        if args.heads and q.id not in heads_by_question:
+            print(f"{q.id}: no head in {args.heads}: zero-shot path", file=sys.stderr)
     if isinstance(embedder, CachingEmbedder):
         embedder.flush()
-        cache = {"hits": embedder.hits, "misses": embedder.misses}
+        cache: Any = {"hits": embedder.hits, "misses": embedder.misses}
     else:
-        cache = "off"
-    gold = read_answers(args.answers, {c.conversation_id for c in labelled})
+        cache = "stored vectors" if data.embedded is not None else "off"
     out = Path(args.report)
     out.mkdir(parents=True, exist_ok=True)
     report, arrays = build_report(
-        questions,
-        [c.conversation_id for c in labelled],
+        data.questions.questions,
+        [c.conversation_id for c in data.conversations],
         answers,
-        gold,
+        data.gold,
         heads_by_question=heads_by_question,
         seconds=seconds,
+        groups=data.groups,
         extra={
             "split": args.split,
+            "format": "store" if args.from_store else data.format,
+            "labelled_pairs": len(data.gold),
             "heads": str(args.heads) if args.heads else None,
             "heads_version": heads_version,
             "embedder": embedder.model_id,
             "embedding_cache": cache,
-            "sources": source_names(args.conversations),
+            "sources": sources,
+            "notes": data.notes,
         },
     )
     report["plots"] = write_plots(arrays, out)
-    write_answers(out / "answers.jsonl", [c.conversation_id for c in labelled], answers)
+    write_answers(out / "answers.jsonl", data.conversations, answers)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     write_markdown(report, out / "report.md")
     print((out / "report.md").read_text())

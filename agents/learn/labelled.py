@@ -182,7 +182,7 @@ def shared_data_dir(repo_root: str | Path | None = None) -> Path:
     env = os.environ.get("FLEXOR_SHARED_DATA")
     if env:
         return Path(env)
-    root = Path(repo_root) if repo_root else Path(__file__).resolve().parent.parent
+    root = Path(repo_root) if repo_root else Path(__file__).resolve().parents[2]  # agents/learn/ -> the repo
     return root.parent / "shared" / "data"
 
 
@@ -208,13 +208,24 @@ def source_names(paths: Sequence[str | Path]) -> list[str]:
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
-    """The labelled-data arguments `flexor train` and `flexor eval` share."""
+    """The labelled-data arguments `flexor train` and `flexor eval` share (either format, see
+    `agents.learn.datasets`); --conversations and --answers are not needed with --from-store."""
     from models.embedder import BACKENDS
 
-    parser.add_argument("--conversations", nargs="+", required=True, help="labelled conversation files")
-    parser.add_argument("--questions", required=True, help="questions.json")
-    parser.add_argument("--answers", required=True, help="answers.jsonl.gz (gold)")
+    parser.add_argument("--conversations", nargs="+", default=None,
+                        help="conversation files: the labelled-data format or conversation.v1 JSONL")
+    parser.add_argument("--questions", default=None,
+                        help="questions.json or questions.yaml (--from-store: default the configured questions_file)")
+    parser.add_argument("--answers", default=None, help="gold answers: answers.jsonl.gz or a labels JSONL")
     parser.add_argument("--split", default=split, choices=["train", "eval", "all"])
-    parser.add_argument("--embedder", default="onnx-int8", choices=BACKENDS)
+    parser.add_argument("--embedder", default=None, choices=BACKENDS,
+                        help="default: onnx-int8 (--from-store: the configured models.embedder)")
     parser.add_argument("--no-cache", action="store_true", help="embed everything, without the on-disk cache")
     parser.add_argument("--limit", type=int, default=None, help="at most this many conversations per file")
+    parser.add_argument("--config", default=None, help="YAML config file (--from-store: the database)")
+
+
+def check_data_arguments(args: argparse.Namespace) -> None:
+    missing = [f"--{k}" for k in ("conversations", "questions", "answers") if not getattr(args, k)]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required (or --from-store)")

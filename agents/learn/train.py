@@ -2,23 +2,38 @@
 
     flexor train --conversations star.jsonl.gz sgd.jsonl.gz --questions questions.json \
         --answers answers.jsonl.gz --split train [--shots K] --out heads/
+    flexor train --conversations conversations.jsonl --questions questions.yaml \
+        --answers labels.jsonl --split all --out heads/
+    flexor train --from-store [--questions questions.yaml] [--split train|all] --out heads/
 
-Per question: rows = conversations of the split with a gold answer; features from
-`agents.features` (standardise -> balanced logistic regression), plus a chunk part and a
-lexical part (`agents.lexical`, TF-IDF fitted on the split's text, written to
-DIR/lexicon.json), each its own balanced logistic regression; out-of-fold scores (5 folds,
-3 fold assignments) fit the calibration map (isotonic with >= 100 positives, else a sigmoid)
-and pick the F1-optimal threshold; the final model is refitted on every row. ``--shots K``
-keeps only K yes and K no rows per question (fixed seed): each part is then a class-mean
-direction, plus the question's zero-shot direction, with the split's unlabelled conversations
-setting the scales (`fit_few_shot`).
+Data (`agents.learn.datasets`): the research files, the service's formats (conversation.v1,
+questions.yaml, labels JSONL; split 80/20 by a hash of the conversation id), or with
+``--from-store`` the labels table with the stored conversations and their stored chunk vectors
+(`agents.learn.stored`: nothing is embedded again; chunks of another embedder are refused). From
+the store, split ``train`` leaves out the share that ``flexor eval --from-store`` scores, the
+lexicon is fitted on the split's stored conversations, and the manifest counts each question's
+labels by source.
 
-Questions without positives in the split keep the zero-shot path; the manifest says so.
+Per question: rows = conversations of the split with a gold answer, in (tenant, conversation id)
+order whatever the input order; features from `agents.features` (standardise -> balanced
+logistic regression), plus a chunk part and a lexical part (`agents.lexical`, TF-IDF fitted on
+the split's text, written to DIR/lexicon.json), each its own balanced logistic regression;
+out-of-fold scores (5 folds, 3 fold assignments) fit the calibration map (isotonic with >= 100
+positives, else a sigmoid) and pick the F1-optimal threshold; the final model is refitted on
+every row. ``--shots K`` keeps only K yes and K no rows per question (fixed seed): each part is
+then a class-mean direction, plus the question's zero-shot direction, with the unlabelled
+conversations the question applies to setting the scales (`fit_few_shot`).
+
+Questions with fewer than MIN_PER_CLASS labels of either class keep the zero-shot path; the
+manifest says so.
+Per head, the manifest also keeps the drift reference (`agents.drift`): the histogram of p_yes
+and the yes-rate of its out-of-fold scores (a few-shot head: of its scores on the pool).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 import time
@@ -30,23 +45,18 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from agents.drift import reference as drift_reference
 from agents.features import FEATURE_VERSION, FeatureExtractor
 from agents.heads import Calibration, Head, write_manifest
+from agents.learn.datasets import HOLDOUT, LabelledSet, read_labelled, read_questions_file
 from agents.learn.embedcache import CachingEmbedder
-from agents.learn.labelled import (
-    add_data_arguments,
-    iter_gold,
-    question_set,
-    read_answers,
-    read_conversations,
-    read_questions,
-    source_names,
-    to_conversation,
-)
+from agents.learn.labelled import add_data_arguments, check_data_arguments, source_names
 from agents.learn.metrics import best_f1_threshold, summarize
 from agents.lexical import LEXICON_VERSION, Lexicon
 from agents.pipeline import embed_conversations
+from agents.questions import QuestionSet
 from agents.similarity import SimilarityScorer
+from agents.types import Conversation, EmbeddedConversation
 from models.embedder import load_embedder
 
 log = logging.getLogger(__name__)
@@ -79,6 +89,11 @@ def _make_head(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser, split="train")
+    parser.add_argument("--from-store", action="store_true",
+                        help="train on the labels table and the stored chunks (nothing embedded again)")
+    parser.add_argument("--holdout", type=float, default=HOLDOUT,
+                        help="--from-store: share of conversations (by id hash) held out as split eval")
+    parser.add_argument("--tenant", default=None, help="--from-store: this tenant's labels only")
     parser.add_argument("--shots", type=int, default=None, help="train from K yes and K no rows per question")
     parser.add_argument("--out", required=True, help="heads directory to write")
     parser.add_argument("--seed", type=int, default=SEED)
@@ -222,6 +237,8 @@ def fit_head(
     cv["folds"] = folds
     cv["repeats"] = repeats
     cv["note"] = "out-of-fold (first repeat); calibration and threshold were fitted on every repeat's scores"
+    # What the head outputs on rows it has not seen: the drift reference (`run` moves it to the manifest).
+    cv["reference"] = drift_reference(first, threshold).as_dict()
     coef, b = _logreg(z, y, c)
     chunk_coef, chunk_b = _chunk_logreg(chunk_vectors, y, C_CHUNK) if chunk_vectors is not None else (None, 0.0)
     lex_coef, lex_b = _logreg(lexical, y, C_LEX) if lexical is not None else (None, 0.0)
@@ -318,7 +335,7 @@ def fit_few_shot(
     threshold = 0.5
     cv = summarize(y, p_loo, p_loo >= threshold)
     cv["folds"] = "leave-one-out"
-    return _make_head(
+    head = _make_head(
         "few-shot", head_id, question_id, question_text, embedder_id, mean, scale, w, b, cal, threshold, y, cv,
         conv_div=conv_div,
         chunk_coef=prototype if use_chunk else None,
@@ -328,6 +345,10 @@ def fit_few_shot(
         lex_intercept=lb,
         lex_div=lex_div,
     )
+    # The drift reference: the head's scores on the pool, which its 2K shots barely overlap.
+    pool_p = head.p_yes(pool.x, pool.chunk_vectors, pool.lexical if use_lex else None)
+    head.cv_metrics["reference"] = drift_reference(pool_p, threshold).as_dict()
+    return head
 
 
 def _round(d: dict[str, Any]) -> dict[str, Any]:
@@ -343,67 +364,160 @@ def sample_shots(y: Sequence[bool], k: int, seed: int) -> np.ndarray:
     return np.sort(np.r_[pos, neg])
 
 
+def resolve_embedder(args: argparse.Namespace) -> str:
+    """--embedder, else the service's (models.embedder) for --from-store, else onnx-int8."""
+    if args.embedder:
+        return str(args.embedder)
+    return str(args.settings().models.embedder) if args.from_store else "onnx-int8"
+
+
+def _store_settings(args: argparse.Namespace) -> Any:
+    if not hasattr(args, "settings"):
+        raise ValueError("--from-store reads the database from the flexor settings: run `flexor train --from-store`")
+    return args.settings()
+
+
+async def read_store(
+    pool: Any, questions: QuestionSet, embedder_id: str, split: str, *, holdout: float = HOLDOUT,
+    tenant: str | None = None,
+) -> tuple[LabelledSet, list[Conversation]]:
+    """(labelled set of the split, the split's stored conversations to fit the lexicon on)."""
+    from agents.learn.stored import LEXICON_MAX, load_labelled, stored_conversations
+
+    data = await load_labelled(pool, questions, embedder_id, split, holdout=holdout, tenant_id=tenant)
+    text = await stored_conversations(pool, split, holdout=holdout, tenant_id=tenant, limit=LEXICON_MAX)
+    return data, text
+
+
+def read_training_data(args: argparse.Namespace, embedder_id: str) -> tuple[LabelledSet, list[Conversation], str]:
+    """(labelled set, conversations to fit the lexicon on, where it came from) for the arguments."""
+    if args.from_store:
+        from agents.learn.stored import open_settings_pool
+
+        settings = _store_settings(args)
+        questions = read_questions_file(args.questions or settings.questions_file)[0]
+
+        async def go() -> tuple[LabelledSet, list[Conversation]]:
+            pool = await open_settings_pool(settings)
+            try:
+                return await read_store(pool, questions, embedder_id, args.split, holdout=args.holdout,
+                                        tenant=args.tenant)
+            finally:
+                await pool.close()
+
+        data, text = asyncio.run(go())
+        return data, text, "store"
+    check_data_arguments(args)
+    data = read_labelled(args.conversations, args.questions, args.answers, args.split, args.limit)
+    return data, data.conversations, "files"
+
+
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    out = Path(args.out)
-    questions = read_questions(args.questions)
-    if args.only:
-        questions = [q for q in questions if q.question_id in set(args.only)]
-    convs = read_conversations(args.conversations, args.split, limit=args.limit)
-    answers = read_answers(args.answers, {c.conversation_id for c in convs})
-    if not convs:
-        print("no conversations in the requested split", file=sys.stderr)
+    embedder_name = resolve_embedder(args)
+    base = load_embedder(embedder_name)
+    data, lexicon_text, origin = read_training_data(args, base.model_id)
+    for note in data.notes:
+        print(note, file=sys.stderr)
+    if not data.conversations:
+        what = "no labelled conversations in the store" if origin == "store" else "no conversations"
+        print(f"{what} in the requested split", file=sys.stderr)
         return 2
-    base = load_embedder(args.embedder)
-    embedder = base if args.no_cache else CachingEmbedder(base)
-    print(f"embedding {len(convs)} conversations with {embedder.model_id} ...", file=sys.stderr)
-    conversations = [to_conversation(c) for c in convs]
-    embedded = embed_conversations(embedder, conversations)
+    embedder = base if args.no_cache or data.embedded is not None else CachingEmbedder(base)
+    if data.embedded is None:
+        print(f"embedding {len(data.conversations)} conversations with {embedder.model_id} ...", file=sys.stderr)
+    else:
+        print(f"{origin}: {len(data.conversations)} labelled conversations with their stored vectors "
+              f"({len(data.gold)} labels); nothing embedded again", file=sys.stderr)
+    sources = source_names(args.conversations) if origin == "files" else ["store"]
+    extra: dict[str, Any] = {"split": args.split, "sources": sources}
+    if origin == "store":
+        extra |= {"from_store": True, "holdout": args.holdout, "tenant": args.tenant}
+    heads = train_heads(data, embedder, Path(args.out), lexicon_text=lexicon_text, shots=args.shots,
+                        seed=args.seed, only=args.only, manifest=extra)
+    print(f"wrote {len(heads)} heads to {args.out} in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    return 0
+
+
+def _canonical(embedded: list[EmbeddedConversation]) -> tuple[list[int], dict[int, int]]:
+    """Conversations in (tenant, id, revision) order, so heads do not depend on file or table order:
+    (new order of old indices, old index -> new index)."""
+    convs = [e.conversation for e in embedded]
+    order = sorted(range(len(convs)), key=lambda i: (convs[i].tenant_id, convs[i].conversation_id, convs[i].revision))
+    return order, {old: new for new, old in enumerate(order)}
+
+
+def train_heads(
+    data: LabelledSet,
+    embedder: Any,
+    out: Path,
+    *,
+    lexicon_text: Sequence[Conversation] | None = None,
+    shots: int | None = None,
+    seed: int = SEED,
+    only: Sequence[str] | None = None,
+    manifest: dict[str, Any] | None = None,
+    log_to: Any = sys.stderr,
+) -> dict[str, str]:
+    """Heads for every question of `data` with enough labels of each class (MIN_PER_CLASS), into
+    `out` with manifest.json, lexicon.json and questions.yaml; the others keep the zero-shot path
+    and the manifest says why. Returns question id -> head id. `data.embedded` (the stored
+    vectors) is used when present; otherwise the conversations are embedded with `embedder`.
+    The lexicon is fitted on `lexicon_text` (default: the set's conversations)."""
+    t0 = time.perf_counter()
+    embedded = data.embedded if data.embedded is not None else embed_conversations(embedder, data.conversations)
     if isinstance(embedder, CachingEmbedder):
         embedder.flush()
+    order, new_index = _canonical(embedded)
+    embedded = [embedded[i] for i in order]
+    conversations = [e.conversation for e in embedded]
     feats = FeatureExtractor(embedder)
     x_all = feats.transform(embedded)
-    lexicon = Lexicon.fit(conversations)
+    lexicon = Lexicon.fit(lexicon_text if lexicon_text is not None else conversations)
     out.mkdir(parents=True, exist_ok=True)
     lexicon.save(out)
     lex_all = lexicon.transform(conversations)
     print(f"features {x_all.shape} + lexical {lex_all.shape[1]} terms "
-          f"in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+          f"in {time.perf_counter() - t0:.0f}s", file=log_to)
 
     entries: dict[str, dict[str, Any]] = {}
     heads: dict[str, str] = {}
     zero_shot = SimilarityScorer(embedder)
-    by_id = question_set(questions).by_id()
-    pools: dict[str, FewShotPool] = {}  # per dataset: the unlabelled rows few-shot heads scale by
-    for q, idx, gold in iter_gold(questions, convs, answers):
-        y = np.asarray(gold, bool)
-        common = {"head_id": q.question_id, "question_id": q.question_id, "question_text": q.text}
+    split = (manifest or {}).get("split", "all")
+    for q in data.questions.questions:
+        if only and q.id not in only:
+            continue
+        old_idx, gold = data.rows(q.id)
+        pairs = sorted((new_index[i], y) for i, y in zip(old_idx, gold, strict=True))
+        rows = np.asarray([i for i, _ in pairs], int)
+        y = np.asarray([a for _, a in pairs], bool)
+        common = {"head_id": q.id, "question_id": q.id, "question_text": q.text}
+        by_source = data.label_sources.get(q.id)
         if len(y) == 0 or y.sum() < MIN_PER_CLASS or (~y).sum() < MIN_PER_CLASS:
             why = (
                 "no labelled rows"
                 if len(y) == 0
                 else f"{int(y.sum())} positives and {int((~y).sum())} negatives (need {MIN_PER_CLASS} of each)"
             )
-            entries[q.question_id] = {"head": None, "path": "zero-shot", "reason": why, "rows": len(y)}
-            print(f"{q.question_id}: {why} in split {args.split}: keeps the zero-shot path", file=sys.stderr)
+            entries[q.id] = {"head": None, "path": "zero-shot", "reason": why, "rows": len(y)}
+            if by_source is not None:
+                entries[q.id]["labels_by_source"] = by_source
+            print(f"{q.id}: {why} in split {split}: keeps the zero-shot path", file=log_to)
             continue
-        rows = np.asarray(idx)
         t = time.perf_counter()
-        if args.shots:
-            pick = sample_shots(y, args.shots, args.seed)
-            shots = rows[pick]
-            if q.dataset not in pools:
-                in_pool = [i for i, c in enumerate(convs) if c.dataset == q.dataset]
-                pools[q.dataset] = FewShotPool(x_all[in_pool], lex_all[in_pool], [embedded[i].vectors for i in in_pool])
+        if shots:
+            pick = sample_shots(y, shots, seed)
+            chosen = rows[pick]
+            in_pool = [i for i, c in enumerate(conversations) if q.applies(c.metadata)]
             head = fit_few_shot(
-                x_all[shots],
+                x_all[chosen],
                 y[pick],
-                pools[q.dataset],
-                lexical=lex_all[shots],
-                chunk_vectors=[embedded[i].vectors for i in shots],
-                prototype=zero_shot.prototype(by_id[q.question_id]).astype(np.float64),
+                FewShotPool(x_all[in_pool], lex_all[in_pool], [embedded[i].vectors for i in in_pool]),
+                lexical=lex_all[chosen],
+                chunk_vectors=[embedded[i].vectors for i in chosen],
+                prototype=zero_shot.prototype(q).astype(np.float64),
                 embedder_id=embedder.model_id,
-                seed=args.seed,
+                seed=seed,
                 **common,
             )
         else:
@@ -413,13 +527,14 @@ def run(args: argparse.Namespace) -> int:
                 chunk_vectors=[embedded[i].vectors for i in rows],
                 lexical=lex_all[rows],
                 embedder_id=embedder.model_id,
-                seed=args.seed,
+                seed=seed,
                 **common,
             )
+        reference = head.cv_metrics.pop("reference")
         head.save(out)
-        heads[q.question_id] = head.head_id
+        heads[q.id] = head.head_id
         cv = head.cv_metrics
-        entries[q.question_id] = {
+        entries[q.id] = {
             "head": head.head_id,
             "path": head.kind,
             "rows": head.rows,
@@ -427,29 +542,26 @@ def run(args: argparse.Namespace) -> int:
             "threshold": head.threshold,
             "band": list(head.band),
             "cv_metrics": cv,
+            "reference": reference,
         }
+        if by_source is not None:
+            entries[q.id]["labels_by_source"] = by_source
         print(
-            f"{q.question_id}: {head.kind} rows={head.rows} yes={head.n_yes} thr={head.threshold:.3f} "
+            f"{q.id}: {head.kind} rows={head.rows} yes={head.n_yes} thr={head.threshold:.3f} "
             f"cv f1={cv['f1']:.3f} auc={cv['roc_auc']} ece={cv['ece']:.3f} ({time.perf_counter() - t:.1f}s)",
-            file=sys.stderr,
+            file=log_to,
         )
-    write_manifest(
-        out,
-        embedder.model_id,
-        entries,
-        split=args.split,
-        shots=args.shots,
-        lexicon=LEXICON_VERSION,
-        seed=args.seed,
-        conversations=len(convs),
-        sources=source_names(args.conversations),
-    )
-    _write_questions_yaml(out / "questions.yaml", question_set(questions, heads))
-    print(f"wrote {len(heads)} heads to {out} in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-    return 0
+    extra = dict(manifest or {})
+    if data.notes:
+        extra["notes"] = data.notes
+    write_manifest(out, embedder.model_id, entries, shots=shots, lexicon=LEXICON_VERSION, seed=seed,
+                   conversations=len(conversations), **extra)
+    updated = [q.model_copy(update={"head": heads.get(q.id)}) for q in data.questions.questions]
+    _write_questions_yaml(out / "questions.yaml", QuestionSet(questions=updated))
+    return heads
 
 
-def _write_questions_yaml(path: Path, qs) -> None:  # type: ignore[no-untyped-def]
+def _write_questions_yaml(path: Path, qs: QuestionSet) -> None:
     import yaml
 
     data = {"questions": [q.model_dump(mode="json", exclude_defaults=False) for q in qs.questions]}

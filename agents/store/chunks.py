@@ -81,6 +81,10 @@ class PgEvidenceStore:
                 await conn.executemany(_INSERT_SQL, rows)
             await upsert_conversations(conn, [ec.conversation for ec in convs], embedder_id)
 
+    async def prune(self, newest: Sequence[tuple[str, str, int]]) -> None:
+        if newest:
+            await self._pool.execute(_DELETE_OLD_SQL, *(list(col) for col in zip(*newest, strict=True)))
+
     async def top_k(
         self,
         convs: Sequence[EmbeddedConversation],

@@ -98,6 +98,41 @@ class ConversationsTable:
         )
         return [StoredKey(r["tenant_id"], r["conversation_id"], r["revision"]) for r in rows]
 
+    async def revisions(
+        self, conversation_ids: Sequence[str], *, tenant_id: str | None = None
+    ) -> dict[str, list[tuple[str, int]]]:
+        """Conversation id -> [(tenant id, stored revision)] for the ids that are stored (an id may
+        be stored under several tenants)."""
+        rows = await self._pool.fetch(
+            """
+            SELECT tenant_id, conversation_id, revision FROM conversations
+            WHERE conversation_id = ANY($1::text[]) AND ($2::text IS NULL OR tenant_id = $2)
+            ORDER BY conversation_id, tenant_id
+            """,
+            list(conversation_ids), tenant_id,
+        )
+        out: dict[str, list[tuple[str, int]]] = {}
+        for r in rows:
+            out.setdefault(r["conversation_id"], []).append((r["tenant_id"], r["revision"]))
+        return out
+
+    async def scan(
+        self, *, tenant_id: str | None = None, after: Key | None = None, limit: int = 1000
+    ) -> list[Conversation]:
+        """Stored conversations (turns, metadata, no chunks) in (tenant, conversation) order, a page
+        at a time like `keys`."""
+        rows = await self._pool.fetch(
+            """
+            SELECT * FROM conversations
+            WHERE ($1::text IS NULL OR tenant_id = $1)
+              AND ($2::text IS NULL OR (tenant_id, conversation_id) > ($2, $3))
+            ORDER BY tenant_id, conversation_id
+            LIMIT $4
+            """,
+            tenant_id, after[0] if after else None, after[1] if after else None, limit,
+        )
+        return [_conversation(r) for r in rows]
+
     async def load(self, keys: Sequence[Key], embedder_id: str) -> list[EmbeddedConversation]:
         """The stored conversations for `keys` (those that exist, in the order of `keys`), with
         their stored chunk vectors. Raises StoreMismatch when a conversation's chunks come from
@@ -134,6 +169,14 @@ class ConversationsTable:
         return out
 
 
+def _conversation(row: asyncpg.Record) -> Conversation:
+    return Conversation(
+        tenant_id=row["tenant_id"], conversation_id=row["conversation_id"], revision=row["revision"],
+        turns=tuple(Turn(*t) for t in orjson.loads(row["turns"])), metadata=orjson.loads(row["metadata"]),
+        status=row["status"], occurred_at=row["occurred_at"],
+    )
+
+
 def _rebuild(row: asyncpg.Record, chunk_rows: list[asyncpg.Record], embedder_id: str) -> EmbeddedConversation:
     name = f"{row['tenant_id']}/{row['conversation_id']}"
     if row["embedder"] != embedder_id or any(c["embedder"] != embedder_id for c in chunk_rows):
@@ -141,12 +184,8 @@ def _rebuild(row: asyncpg.Record, chunk_rows: list[asyncpg.Record], embedder_id:
             f"stored chunks of {name} were embedded with {row['embedder']}, not {embedder_id}: "
             "re-embed them (replay the conversations) or use that embedder"
         )
-    turns = tuple(Turn(*t) for t in orjson.loads(row["turns"]))
-    conv = Conversation(
-        tenant_id=row["tenant_id"], conversation_id=row["conversation_id"], revision=row["revision"],
-        turns=turns, metadata=orjson.loads(row["metadata"]), status=row["status"], occurred_at=row["occurred_at"],
-    )
-    chunks = chunk_turns(turns)
+    conv = _conversation(row)
+    chunks = chunk_turns(conv.turns)
     if [c.text for c in chunks] != [r["text"] for r in chunk_rows]:
         raise StoreMismatch(f"stored chunks of {name} do not match today's chunker: replay the conversation")
     vectors = (

@@ -108,3 +108,30 @@ class LabelsTable:
             list(question_ids) if question_ids is not None else None,
         )
         return {(r["question_id"], r["source"]): r["n"] for r in rows}
+
+    async def count(
+        self, question_id: str, question_version: int, *, source: str | None = None, tenant_id: str | None = None,
+        answer: str | None = None,
+    ) -> int:
+        """Labels of one question version; of one source and one answer when those are given."""
+        return int(await self._pool.fetchval(
+            """
+            SELECT count(*) FROM labels
+            WHERE question_id = $1 AND question_version = $2 AND ($3::text IS NULL OR source = $3)
+              AND ($4::text IS NULL OR tenant_id = $4) AND ($5::text IS NULL OR answer = $5)
+            """,
+            question_id, question_version, source, tenant_id, answer,
+        ))
+
+    async def labelled(
+        self, question_id: str, question_version: int, *, tenant_id: str | None = None
+    ) -> set[tuple[str, str, int]]:
+        """(tenant, conversation, revision) of every label of one question version."""
+        rows = await self._pool.fetch(
+            """
+            SELECT tenant_id, conversation_id, revision FROM labels
+            WHERE question_id = $1 AND question_version = $2 AND ($3::text IS NULL OR tenant_id = $3)
+            """,
+            question_id, question_version, tenant_id,
+        )
+        return {(r["tenant_id"], r["conversation_id"], r["revision"]) for r in rows}

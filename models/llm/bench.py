@@ -1,6 +1,7 @@
 """Engine throughput: the same prompts at batch 1 and at batch N, side by side in one run.
 
-``python -m models.llm.bench --spec hf:smollm2-135m`` prints a JSON dict. The prompts are
+``python -m models.llm.bench --spec hf:smollm2-135m`` prints a JSON dict, with the latency of a
+request that arrives alone at the batch scheduler (`lone_request_p50_ms`). The prompts are
 ``sample_prompts``: the production yes/no template with 3-5 evidence excerpts (about 200 tokens
 each on SmolLM2), so the numbers are for the LLM stage's real prompt shape.
 """
@@ -57,14 +58,16 @@ def _rate(fn: Callable[[], object], n: int) -> float:
 
 
 def bench_batching(engine: YesNoEngine, prompts: list[str], batch_sizes: tuple[int, ...] = (1, 32)) -> dict:
-    """Prompts/s of ``engine.score`` per batch size; batches are fed the way the scheduler
-    feeds them (one ``score`` call per batch), after one warm-up batch."""
+    """Prompts/s and tokens/s (prompt tokens read plus the one answer token) of ``engine.score``
+    per batch size; batches are fed the way the scheduler feeds them (one ``score`` call per
+    batch), after one warm-up batch."""
     engine.score(prompts[: max(batch_sizes)])
+    tokens = sum(engine.count_tokens(prompts)) + len(prompts)
     result: dict = {
         "model_id": engine.model_id,
         "threads": _torch_threads(),
         "prompts": len(prompts),
-        "mean_prompt_tokens": sum(engine.count_tokens(prompts)) / len(prompts),
+        "mean_prompt_tokens": (tokens - len(prompts)) / len(prompts),
     }
     for size in batch_sizes:
         if hasattr(engine, "batch_size"):
@@ -74,10 +77,35 @@ def bench_batching(engine: YesNoEngine, prompts: list[str], batch_sizes: tuple[i
             for start in range(0, len(prompts), size):
                 engine.score(prompts[start : start + size])
 
-        result[f"batch_{size}_prompts_per_s"] = round(_rate(run, len(prompts)), 2)
+        rate = _rate(run, len(prompts))
+        result[f"batch_{size}_prompts_per_s"] = round(rate, 2)
+        result[f"batch_{size}_tokens_per_s"] = round(rate * tokens / len(prompts), 1)
     low, high = min(batch_sizes), max(batch_sizes)
     result["speedup"] = round(result[f"batch_{high}_prompts_per_s"] / result[f"batch_{low}_prompts_per_s"], 2)
     return result
+
+
+def bench_lone_request(engine: YesNoEngine, prompts: list[str], max_wait_ms: int = 30, n: int = 20) -> dict:
+    """Latency of a request that arrives alone at the batch scheduler: it waits up to max_wait
+    for company, then runs as a batch of one. The p50 should sit just above max_wait plus one
+    engine call at batch 1."""
+    import asyncio
+    import statistics
+
+    from models.llm.scheduler import BatchScheduler
+
+    async def run() -> list[float]:
+        out = []
+        async with BatchScheduler(engine, max_batch=32, max_wait_ms=max_wait_ms) as scheduler:
+            for p in prompts[:n]:
+                start = time.perf_counter()
+                await scheduler.score(p)
+                out.append((time.perf_counter() - start) * 1000)
+        return out
+
+    latencies = asyncio.run(run())
+    return {"scheduler_max_wait_ms": max_wait_ms, "lone_request_p50_ms": round(statistics.median(latencies), 1),
+            "lone_request_max_ms": round(max(latencies), 1)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     options = {"num_threads": args.threads} if args.threads and args.spec.startswith("hf") else {}
     engine = load_engine(args.spec, **options)
-    print(json.dumps(bench_batching(engine, sample_prompts(args.prompts), tuple(args.batch))))
+    prompts = sample_prompts(args.prompts)
+    print(json.dumps({**bench_batching(engine, prompts, tuple(args.batch)), **bench_lone_request(engine, prompts)}))
 
 
 if __name__ == "__main__":

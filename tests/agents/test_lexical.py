@@ -13,7 +13,7 @@ from agents.heads import Head, HeadMismatch, HeadScorer
 from agents.learn.metrics import roc_auc
 from agents.learn.train import fit_head
 from agents.lexical import LEXICON_FILE, Lexicon
-from agents.types import Conversation, EmbeddedConversation
+from agents.types import Conversation
 
 CUSTOMER = ["I want to check my balance", "book a table for two", "sorry, my payment failed", "what time is it"]
 AGENT = ["sorry, that failed", "done, it is booked", "here you go", "anything else?"]
@@ -67,4 +67,3 @@ def test_head_with_a_lexical_part_learns_words_and_needs_its_lexicon(tmp_path: P
 
     with pytest.raises(HeadMismatch, match=LEXICON_FILE):
         HeadScorer({"h": again}, FeatureExtractor(Emb()))  # type: ignore[arg-type]
-    assert EmbeddedConversation  # the scorer's input type, built by the pipeline

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -13,7 +14,6 @@ from agents.questions import (
     Question,
     QuestionFileError,
     QuestionRegistry,
-    QuestionSet,
     load_questions,
     questions_from_sequence,
 )
@@ -141,11 +141,20 @@ def test_set_version_changes_when_a_question_is_added_or_removed() -> None:
     assert questions_from_sequence([q("a"), q("b"), q("c")]).version != base.version
 
 
-def test_set_version_ignores_unrelated_edits_and_order() -> None:
+def test_set_version_ignores_in_place_edits_and_order() -> None:
     base = questions_from_sequence([q("a"), q("b")])
-    edited = questions_from_sequence([q("b", threshold=0.7, band=(0.2, 0.8), top_k=5), q("a", query="x y z")])
+    edited = questions_from_sequence([q("b", threshold=0.7, band=(0.2, 0.8), top_k=5), q("a", head="a")])
     assert edited.version == base.version
     assert questions_from_sequence([q("a"), q("b")]).version == base.version  # stable across instances
+
+
+def test_meaning_digest_covers_what_a_question_asks() -> None:
+    base = q("a")
+    for changed in (q("a", query="other words"), q("a", speakers=["customer"]), q("a", applies_to={"d": "bank"}),
+                    q("a", examples={"yes": ["a snippet"]}), Question(id="a", version=1, text="Another question?")):
+        assert changed.meaning != base.meaning, changed
+    for same in (q("a", threshold=0.7), q("a", band=(0.1, 0.9)), q("a", top_k=5), q("a", head="h")):
+        assert same.meaning == base.meaning, same
 
 
 def test_set_version_from_file_edits(tmp_path: Path) -> None:
@@ -229,7 +238,7 @@ def test_question_set_is_immutable() -> None:
     qs = questions_from_sequence([q("a")])
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error type is an implementation detail
         qs.questions[0].version = 5  # type: ignore[misc]
-    assert isinstance(qs, QuestionSet)
+    assert qs.questions[0].version == 1
 
 
 # -- registry ---------------------------------------------------------------------------------------
@@ -288,10 +297,12 @@ def test_registry_bad_edit_keeps_previous_set(qfile: Path) -> None:
     assert reg.current is before
     assert "YAML" in (reg.last_error or "")
 
-    # a good edit afterwards is taken and clears the error
-    write(qfile, TWO.replace("Is the customer angry?", "Is the customer angry or upset?"), mtime=1_000_030)
+    # a good edit afterwards (a new text under a new version) is taken and clears the error
+    edited = TWO.replace('version: 1\n    text: "Is the customer angry?"',
+                         'version: 2\n    text: "Is the customer upset?"')
+    write(qfile, edited, mtime=1_000_030)
     assert reg.maybe_reload() is True
-    assert reg.current.by_id()["customer_angry"].text == "Is the customer angry or upset?"
+    assert reg.current.by_id()["customer_angry"].text == "Is the customer upset?"
     assert reg.last_error is None
 
 
@@ -316,10 +327,47 @@ def test_registry_deleted_file_keeps_previous_set(qfile: Path) -> None:
 
 def test_registry_explicit_reload(qfile: Path) -> None:
     reg = QuestionRegistry(qfile)
-    write(qfile, TWO.replace("Did the customer ask for a refund?", "Did they ask for a refund?"), mtime=1_000_000)
+    write(qfile, TWO.replace("threshold: 0.5", "threshold: 0.6"), mtime=1_000_000)
     assert reg.maybe_reload() is False  # same mtime: only SIGHUP's explicit reload sees it
     assert reg.reload() is True
-    assert reg.current.by_id()["refund_request"].text == "Did they ask for a refund?"
+    assert reg.current.by_id()["refund_request"].threshold == 0.6
+
+
+# -- identity: a new meaning needs a new version -------------------------------------------------------
+
+ANGRY_V1 = 'version: 1\n    text: "Is the customer'
+
+
+ANGRY_TEXT = 'text: "Is the customer angry?"'
+
+
+@pytest.mark.parametrize(
+    "field, replacement",
+    [
+        ("text", 'text: "Is the customer happy?"'),
+        ("query", ANGRY_TEXT + '\n    query: "furious, unacceptable"'),
+        ("speakers", ANGRY_TEXT + "\n    speakers: [customer]"),
+        ("applies_to", ANGRY_TEXT + "\n    applies_to: {channel: chat}"),
+        ("examples", ANGRY_TEXT + '\n    examples: {"yes": ["this is a joke"]}'),
+    ],
+    ids=["text", "query", "speakers", "applies_to", "examples"],
+)
+def test_registry_refuses_a_new_meaning_under_the_same_version(qfile: Path, field: str, replacement: str) -> None:
+    reg = QuestionRegistry(qfile)
+    before = reg.current
+    edited = TWO.replace(ANGRY_TEXT, replacement)
+    write(qfile, edited, mtime=1_000_010)
+    assert reg.maybe_reload() is False
+    assert reg.current is before
+    error = reg.last_error or ""
+    assert f"question customer_angry changed its {field} but kept version 1" in error
+    assert "bump its version" in error and "\n" not in error
+
+    # The same edit with a new version is taken.
+    write(qfile, edited.replace(ANGRY_V1, ANGRY_V1.replace("version: 1", "version: 2")), mtime=1_000_020)
+    assert reg.maybe_reload() is True
+    assert reg.current.by_id()["customer_angry"].version == 2
+    assert reg.last_error is None
 
 
 def test_registry_refuses_a_bad_file_at_start(tmp_path: Path) -> None:
@@ -338,3 +386,30 @@ def test_registry_on_the_example_file(tmp_path: Path) -> None:
     assert reg.maybe_reload() is True
     assert reg.current.by_id()["data_privacy"].version == 2
     assert reg.current.version != v0
+
+
+def test_registry_refuses_a_question_brought_back_changed_under_its_old_version(qfile: Path) -> None:
+    reg = QuestionRegistry(qfile)
+    without = TWO.split("  - id: customer_angry")[0]
+    write(qfile, without, mtime=1_000_010)
+    assert reg.maybe_reload() is True and "customer_angry" not in reg.current.by_id()
+    write(qfile, TWO.replace("Is the customer angry?", "Is the customer polite?"), mtime=1_000_020)
+    assert reg.maybe_reload() is False
+    assert "customer_angry changed its text" in (reg.last_error or "")
+    write(qfile, TWO, mtime=1_000_030)  # back as it was: the same meaning, fine
+    assert reg.maybe_reload() is True and "customer_angry" in reg.current.by_id()
+
+
+def test_registry_applies_threshold_band_top_k_and_head_in_place(qfile: Path, caplog: pytest.LogCaptureFixture) -> None:
+    reg = QuestionRegistry(qfile)
+    v0 = reg.current.version
+    edited = TWO.replace("threshold: 0.5", "threshold: 0.7\n    band: [0.2, 0.8]\n    top_k: 5\n    head: refund")
+    write(qfile, edited, mtime=1_000_010)
+    with caplog.at_level(logging.INFO, logger="agents.questions"):
+        assert reg.maybe_reload() is True
+    q1 = reg.current.by_id()["refund_request"]
+    assert (q1.threshold, q1.band, q1.top_k, q1.head, q1.version) == (0.7, (0.2, 0.8), 5, "refund", 1)
+    assert reg.current.version == v0 and reg.last_error is None
+    in_place = [r.getMessage() for r in caplog.records if "applied in place" in r.getMessage()]
+    assert len(in_place) == 4, in_place
+    assert "refund_request@1: threshold 0.5 -> 0.7, applied in place" in in_place[0]

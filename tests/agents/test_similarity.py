@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
 from agents.pipeline import embed_conversations
-from agents.questions import load_questions
+from agents.questions import Question, load_questions
 from agents.similarity import SimilarityScorer
 from models.embedder import load_embedder
 from stream.config import LimitsConfig
@@ -31,10 +31,12 @@ def scored() -> dict[str, tuple[np.ndarray, np.ndarray]]:
         gold[(d["conversation_id"], d["revision"], d["question_id"])] = d["answer"] == "yes"
     embedded = embed_conversations(embedder, convs)
     scorer = SimilarityScorer(embedder)
+    everyone = list(range(len(convs)))
+    results = scorer.stage1([(q, everyone) for q in questions.questions], embedded)
     out = {}
-    for q in questions.questions:
+    for q, r in zip(questions.questions, results, strict=True):
         y = np.array([gold[(c.conversation_id, c.revision, q.id)] for c in convs])
-        out[q.id] = (y, scorer.p_yes(q, embedded))
+        out[q.id] = (y, r.p_yes)
     return out
 
 
@@ -49,3 +51,23 @@ def test_zero_shot_ranks_and_decides_on_the_examples(scored: dict[str, tuple[np.
     assert np.mean(list(f1s.values())) >= 0.5, f1s
     for _, p in scored.values():
         assert ((p >= 0.0) & (p <= 1.0)).all()
+
+
+def test_prototype_follows_the_question_meaning_not_only_its_version() -> None:
+    """A caller may build a question whose text changed under the same id and version (the
+    registry refuses that, `flexor eval` and the benches do not go through it): the cached
+    prototype of the old text must not answer for the new one."""
+    embedder = load_embedder("onnx-int8")
+    refund = Question(id="q", version=1, text="Did the customer ask for a refund?",
+                      examples={"yes": ["I want my money back"], "no": ["thanks, all good"]})
+    hotel = Question(id="q", version=1, text="Does the user want to book a hotel room?",
+                     examples={"yes": ["I need a room for two nights"], "no": ["I need a taxi"]})
+    scorer = SimilarityScorer(embedder)
+    first = scorer.prototype(refund).copy()
+    fresh = SimilarityScorer(embedder)
+    np.testing.assert_allclose(scorer.prototype(hotel), fresh.prototype(hotel), atol=1e-6)
+    assert float(first @ fresh.prototype(hotel)) < 0.9  # the two questions really differ
+    convs = embed_conversations(embedder, [decode_conversation(orjson.dumps(e), LimitsConfig()).to_conversation()
+                                           for e in load_conversations(EXAMPLES / "conversations.jsonl", 5)])
+    plan = [(hotel, list(range(len(convs))))]
+    np.testing.assert_allclose(scorer.stage1(plan, convs)[0].p_yes, fresh.stage1(plan, convs)[0].p_yes, atol=1e-6)

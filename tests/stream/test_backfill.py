@@ -260,6 +260,50 @@ async def test_backfill_survives_a_replica_killed_mid_job(settings: Settings, tm
                       {revision_key(e) for e in stored})
 
 
+async def test_a_work_item_that_keeps_raising_goes_to_the_dlq_and_the_worker_goes_on(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inputs = load_conversations(EXAMPLES / "conversations.jsonl")[:8]
+    qfile = tmp_path / "questions.yaml"
+    _write_questions(qfile, _before())
+    settings = _with(settings, qfile, max_rate=0, item_size=4)
+    async with running_service(settings) as running:
+        await produce(settings, inputs)
+        await wait_until(lambda: _rows(settings, len(inputs)), 120, "the live classifications")
+        after = _write_questions(qfile, _after({}))
+        calls: list[int] = []
+
+        async def planted(item: Any, record: Any, producer: Any) -> tuple[int, int]:
+            calls.append(item.item)
+            raise ValueError("planted failure\nsecond line")
+
+        monkeypatch.setattr(running.backfill, "_answer", planted)
+        pool = await create_pool(settings.database_url.get_secret_value(), max_size=2)
+        try:
+            await enqueue(settings, pool, after.version, [after.by_id()[NEW]])
+        finally:
+            await pool.close()
+        items = -(-len(_latest(inputs)) // 4)
+        registry = running.metrics.registry
+
+        async def all_failed() -> bool:
+            return metric(registry, "flexor_backfill_items_total", {"result": "failed"}) == items
+
+        await wait_until(all_failed, 60, "every planted item dead-lettered")
+        # The live path still runs: a new revision is classified after the failed items.
+        await produce(settings, [dict(inputs[0], revision=inputs[0]["revision"] + 10, event_id="after-poison")])
+        await wait_until(lambda: _rows(settings, len(inputs) + 1), 60, "a live classification after the failures")
+    assert sorted(calls) == sorted(list(range(items)) * 2), "each item is tried twice, not forever"
+    dead = await read_topic(settings, settings.topics.dlq)
+    assert len(dead) == items
+    for d in dead:
+        h = dict(d.headers)
+        assert h["error.reason"] == b"processing_error" and h["error.type"] == b"ValueError"
+        assert h["error.message"] == b"planted failure"
+        assert h["source.topic"] == settings.topics.backfill.encode()
+        assert decode_item(d.value).job_id
+
+
 @pytest.mark.parametrize(
     ("raw", "reason"),
     [

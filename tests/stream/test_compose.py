@@ -1,4 +1,4 @@
-"""docker-compose.yml, deploy/prometheus.yml and the Dockerfile agree with each other and with the code.
+"""docker-compose.yml, deploy/prometheus/prometheus.yml and the Dockerfile agree with each other and with the code.
 
 There is no Docker engine in the test environment, so this is a static check: the service's
 environment is fed through the real `load_settings`, ports and paths are compared across files.
@@ -24,7 +24,7 @@ from stream.config import _PLAIN_ENV, Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
-PROMETHEUS = REPO / "deploy" / "prometheus.yml"
+PROMETHEUS = REPO / "deploy" / "prometheus" / "prometheus.yml"
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 
@@ -305,8 +305,35 @@ def test_prometheus_scrapes_the_metrics_path(prometheus: dict[str, Any], compose
     assert jobs
     for job in jobs:
         assert job.get("metrics_path", "/metrics") in routes
-    mount = compose["services"]["prometheus"]["volumes"]
-    assert any(v.split(":")[0] == "./deploy/prometheus.yml" for v in mount)
+    mounts = {target: src for src, target, *_ in (v.split(":") for v in compose["services"]["prometheus"]["volumes"])}
+    config = next(c for c in compose["services"]["prometheus"]["command"] if c.startswith("--config.file="))
+    in_container = PurePosixPath(config.split("=", 1)[1])
+    assert REPO / mounts[str(in_container.parent)] / in_container.name == PROMETHEUS
+
+
+def test_prometheus_loads_the_alert_rules_beside_its_config(prometheus: dict[str, Any]) -> None:
+    # rule_files resolve against the config file's folder, which compose mounts whole
+    assert [PROMETHEUS.parent / f for f in prometheus["rule_files"]] == [PROMETHEUS.parent / "alerts.yml"]
+    assert (PROMETHEUS.parent / "alerts.yml").is_file()
+
+
+def test_grafana_is_provisioned_with_the_datasource_and_the_dashboard(compose: dict[str, Any]) -> None:
+    grafana = compose["services"]["grafana"]
+    mounts = {target: src for src, target, *_ in (v.split(":") for v in grafana["volumes"])}
+    provisioning = REPO / mounts["/etc/grafana/provisioning"]
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    # the datasource is the compose stack's Prometheus, on the port it serves
+    url = urlsplit(source["url"])
+    assert url.hostname == "prometheus" and "prometheus" in compose["services"]
+    assert f"{url.port}:{url.port}" in compose["services"]["prometheus"]["ports"]
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "flexor.yml").read_text())["providers"]
+    folder = PurePosixPath(provider["options"]["path"])
+    dashboards = {PurePosixPath(t): REPO / src for t, src in mounts.items() if PurePosixPath(t).parent == folder}
+    assert dashboards == {folder / "flexor.json": REPO / "deploy" / "grafana" / "flexor.json"}
+    # every panel asks the provisioned datasource
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "flexor.json").read_text())
+    refs = {json.dumps(p["datasource"], sort_keys=True) for p in dashboard["panels"] if "datasource" in p}
+    assert refs == {json.dumps({"type": "prometheus", "uid": source["uid"]}, sort_keys=True)}
 
 
 def test_dockerfile_healthcheck_hits_healthz() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -301,12 +300,35 @@ def test_redacted_accepts_multi_host_url() -> None:
 
 # -- CLI ----------------------------------------------------------------------------------------------
 
-_HELPERS = ("agents.learn.train", "agents.learn.evaluate", "stream.bench")
-_MISSING = [m for m in _HELPERS if importlib.util.find_spec(m) is None]
-needs_helpers = pytest.mark.xfail(
-    bool(_MISSING), strict=True,
-    reason=f"stream/cli.py builds every subparser eagerly; missing module(s) {_MISSING} break every command",
-)
+# The runtime install (no extras): the tool extras' modules cannot be imported.
+_WITHOUT_EXTRAS = """
+import sys
+from stream.cli import EXTRAS, main
+
+class Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in EXTRAS:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Missing())
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("args", [("--help",), ("serve", "--help"), ("train", "--help"), ("bench", "--help")])
+def test_cli_help_works_on_the_runtime_install(args: tuple[str, ...]) -> None:
+    r = subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS, *args], capture_output=True, text=True, timeout=60,
+                       cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "usage: flexor" in r.stdout
+
+
+def test_cli_names_the_extra_a_command_needs() -> None:
+    r = subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS, "produce", "x.jsonl"], capture_output=True,
+                       text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 2
+    line = one_line(r.stderr)
+    assert line == "flexor produce: error: needs the optional module 'rich': pip install 'flexor-stream[dev]'"
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -324,7 +346,6 @@ def one_line(stderr: str) -> str:
     return lines[0]
 
 
-@needs_helpers
 def test_cli_help_lists_the_commands() -> None:
     r = run_cli("--help")
     assert r.returncode == 0, r.stderr
@@ -332,7 +353,6 @@ def test_cli_help_lists_the_commands() -> None:
     assert {"up", "serve", "migrate", "produce", "tail", "train", "eval", "bench"} <= listed, r.stdout
 
 
-@needs_helpers
 def test_cli_serve_with_missing_config_file() -> None:
     r = run_cli("serve", "--config", "/nonexistent.yaml")
     assert r.returncode != 0
@@ -340,7 +360,6 @@ def test_cli_serve_with_missing_config_file() -> None:
     assert "/nonexistent.yaml" in line and "does not exist" in line
 
 
-@needs_helpers
 def test_cli_serve_with_bad_env_value_names_the_field_and_hides_secrets() -> None:
     r = run_cli("serve", env={"FLEXOR_BATCH__MAX_EVENTS": "0", "DATABASE_URL": SECRET_URL,
                               "FLEXOR_KAFKA__SASL_PASSWORD": SASL_SECRET})
@@ -350,7 +369,6 @@ def test_cli_serve_with_bad_env_value_names_the_field_and_hides_secrets() -> Non
     assert_no_secrets(r.stderr + r.stdout)
 
 
-@needs_helpers
 @pytest.mark.parametrize(
     "args, names",
     [
@@ -368,8 +386,34 @@ def test_cli_produce_with_bad_arguments(args: tuple[str, ...], names: tuple[str,
         assert name in line
 
 
-@needs_helpers
 def test_cli_produce_missing_file_is_one_line(tmp_path: Path) -> None:
     r = run_cli("produce", str(tmp_path / "missing.jsonl"), "--bootstrap-servers", "127.0.0.1:1")
     assert r.returncode != 0
     assert "missing.jsonl" in one_line(r.stderr)
+
+
+# -- the answer monitors ------------------------------------------------------------------------------
+
+
+def test_audit_rate_defaults_to_one_percent_with_an_llm_only() -> None:
+    assert load_settings().models.audit_rate == 0.0
+    assert load_settings(**{"models.llm": "hf-tiny"}).models.audit_rate == 0.01
+    assert load_settings(**{"models.llm": "hf-tiny", "models.llm_audit_rate": 0}).models.audit_rate == 0.0
+    assert load_settings(**{"models.llm": "hf-tiny", "models.llm_audit_rate": 0.2}).models.audit_rate == 0.2
+
+
+def test_audit_rate_without_an_llm_or_outside_0_1_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "models.llm" in config_error(**{"models.llm_audit_rate": 0.05})
+    monkeypatch.setenv("FLEXOR_MODELS__LLM_AUDIT_RATE", "1.5")
+    monkeypatch.setenv("FLEXOR_MODELS__LLM", "hf-tiny")
+    assert "models.llm_audit_rate" in config_error()
+
+
+def test_drift_window_must_hold_min_answers() -> None:
+    assert "min_answers" in config_error(**{"drift.window": 100, "drift.min_answers": 500})
+
+
+def test_cli_heads_diff_with_a_directory_that_is_not_heads(tmp_path: Path) -> None:
+    r = run_cli("heads", "diff", str(tmp_path), "none", "--conversations", str(tmp_path / "x.jsonl"))
+    assert r.returncode == 2
+    assert "manifest.json" in one_line(r.stderr)

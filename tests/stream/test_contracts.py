@@ -24,6 +24,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 
 from stream import contracts
 from stream.config import Settings, load_settings
+from stream.feedback import feedback_group
 from stream.headers import CE_HEADERS, CLASSIFICATION_TYPE, DEAD_LETTER_TYPE, service_source
 from stream.kafka import make_producer
 from tests.conftest import EXAMPLES, REPO, Endpoints, fresh_database, make_settings
@@ -254,12 +255,15 @@ def test_asyncapi_document_is_valid_and_matches_the_service() -> None:
     defaults = load_settings(None)
     channels = {c["address"]: c for c in doc["channels"]}
     topics = defaults.topics
-    assert set(channels) == {topics.input, topics.output, topics.dlq, topics.backfill}
+    assert set(channels) == {topics.input, topics.output, topics.dlq, topics.feedback, topics.backfill}
     ops = {o["id"]: o for o in doc["operations"]}
-    consume = {o["channels"][0]: o for o in ops.values() if o["action"] == "receive"}
-    assert set(consume) == {topics.input, topics.backfill}
-    assert consume[topics.input]["kafka"]["groupId"]["enum"] == [defaults.group_id]
-    assert consume[topics.backfill]["kafka"]["groupId"]["enum"] == [f"{defaults.group_id}.backfill"]
+    receive = {o["channels"][0]: o for o in ops.values() if o["action"] == "receive"}
+    assert set(receive) == {topics.input, topics.feedback, topics.backfill}
+    assert receive[topics.input]["kafka"]["groupId"]["enum"] == [defaults.group_id]
+    assert receive[topics.feedback]["kafka"]["groupId"]["enum"] == [feedback_group(defaults)]
+    assert receive[topics.backfill]["kafka"]["groupId"]["enum"] == [f"{defaults.group_id}.backfill"]
+    (fb,) = channels[topics.feedback]["messages"]
+    assert {"answer", "reviewer", "question_version"} <= set(fb["payloadProperties"])
     assert {c for o in ops.values() if o["action"] == "send" for c in o["channels"]} == {
         defaults.topics.output, defaults.topics.dlq}
     (out,) = channels[defaults.topics.output]["messages"]

@@ -244,6 +244,66 @@ async def test_postgres_outage_pauses_retries_and_resumes(
                    **await _output_stats(settings))
 
 
+async def test_a_failing_write_step_is_retried_without_repeating_model_work(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another session holds a lock on the classifications table, so the service's upsert times out
+    (lock_not_available, retriable) batch after batch until it is released. Every conversation is
+    still embedded exactly once, the output events are produced once, and /readyz says what is
+    being retried."""
+    import asyncpg
+
+    import agents.pipeline
+
+    embedded: list[str] = []
+    real = agents.pipeline.embed_conversations
+
+    def counting(embedder: Any, convs: Any) -> Any:
+        embedded.extend(c.conversation_id for c in convs)
+        return real(embedder, convs)
+
+    monkeypatch.setattr(agents.pipeline, "embed_conversations", counting)
+    url = settings.database_url.get_secret_value()
+    admin = await asyncpg.connect(url)
+    try:
+        await admin.execute(f'ALTER DATABASE "{url.rsplit("/", 1)[1]}" SET lock_timeout = \'200ms\'')
+    finally:
+        await admin.close()
+    inputs = _conversations(12)
+    await create_topics(settings)
+    async with running_service(settings) as running:
+        reg = running.metrics.registry
+        holder = await asyncpg.connect(url)
+        try:
+            # SHARE blocks inserts and updates, not reads: the replay check still passes.
+            await holder.execute("BEGIN; LOCK TABLE classifications IN SHARE MODE")
+            await produce(settings, inputs)
+
+            async def retrying() -> bool:
+                return metric(reg, "flexor_batch_retries_total", {"error": "LockNotAvailableError"}) >= 3
+
+            await wait_until(retrying, 60, "three retries of the write step")
+            async with aiohttp.ClientSession() as http, \
+                    http.get(f"http://127.0.0.1:{running.http_port}/readyz") as r:
+                assert r.status == 503
+                body = await r.json()
+            assert body["state"] == "retrying" and body["ready"] is False
+            assert body["error"].startswith("deliver: LockNotAvailableError")
+            assert await count_rows(settings) == 0
+        finally:
+            await holder.execute("ROLLBACK")
+            await holder.close()
+        await wait_until(lambda: _rows_at_least(settings, len(inputs)), 60, "the rows after the lock is released")
+        await wait_until(lambda: _ready(running.http_port), 30, "/readyz after the retries")
+        batches = metric(reg, "flexor_batch_size_count")
+    assert sorted(embedded) == sorted(e["conversation_id"] for e in inputs), "a retry embedded again"
+    assert (await _output_stats(settings))["duplicate_records"] == 0, "a retry produced the output again"
+    await check_delivery(settings, inputs, registry=reg)
+    record_outcome("write_step_lock", events=len(inputs), batches=int(batches),
+                   write_retries=int(metric(reg, "flexor_batch_retries_total", {"error": "LockNotAvailableError"})),
+                   embedding_passes_per_conversation=len(embedded) / len(inputs))
+
+
 def _samples(registry: Any, name: str) -> list[Any]:
     return [s for m in registry.collect() for s in m.samples if s.name == name]
 

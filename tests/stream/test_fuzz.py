@@ -159,55 +159,74 @@ def test_decode_edge_cases(raw: bytes | None, reason: str) -> None:
 # -- the service under poison -----------------------------------------------------------------------
 
 
-def _poison(rng: random.Random, i: int) -> bytes:
-    """One generated bad (or weird but valid) event."""
+# orjson refuses JSON nested deeper than this (a property of the parser, not of our decoder).
+ORJSON_MAX_DEPTH = 1024
+
+
+def _field_outcome(field: str, value: Any) -> str:
+    """What the README's conversation.v1 says of one top-level field set to `value`."""
+    if field == "revision":
+        ok = type(value) is int and 0 <= value < 2**31  # a Postgres integer; bools are not numbers
+    elif field in ("tenant_id", "conversation_id", "event_id"):
+        ok = isinstance(value, str) and value != ""
+    elif field == "metadata":
+        ok = isinstance(value, dict)
+    else:  # turns: a non-empty list of turn objects
+        return "empty_turns" if value == [] else "invalid_fields"
+    return "ok" if ok else "invalid_fields"
+
+
+def _poison(rng: random.Random, i: int) -> tuple[bytes, str]:
+    """One generated bad (or weird but valid) event, and the outcome it must have: "ok" or its DLQ
+    reason, known from how it was built (an oracle independent of the decoder under test)."""
     ev = _base(1000 + i)
     kind = rng.randrange(12)
-    if kind == 0:
-        return rng.randbytes(rng.randrange(0, 200))
-    if kind == 1:
+    if kind == 0:  # garbage that cannot start a JSON text
+        return b"\x00" + rng.randbytes(rng.randrange(0, 200)), "not_json"
+    if kind == 1:  # a byte that is never valid UTF-8, anywhere in the document
         raw = bytearray(orjson.dumps(ev))
-        for _ in range(rng.randrange(1, 4)):
-            raw[rng.randrange(len(raw))] = rng.randrange(256)
-        return bytes(raw)
-    if kind == 2:
+        raw[rng.randrange(len(raw))] = rng.choice([0xC0, 0xC1, 0xF5, 0xFF])
+        return bytes(raw), "not_json"
+    if kind == 2:  # a proper prefix of an object: its closing brace is missing
         raw = orjson.dumps(ev)
-        return raw[: rng.randrange(1, len(raw))]
+        return raw[: rng.randrange(1, len(raw))], "not_json"
     if kind == 3:
-        return orjson.dumps(ev).replace(b"twice", b"tw\xc3\x28ice")  # invalid UTF-8
+        return orjson.dumps(ev).replace(b"twice", b"tw\xc3\x28ice"), "not_json"  # invalid UTF-8
     if kind == 4:
         depth = rng.choice([300, 2000, 50_000])
-        return b'{"schema": "conversation.v1", "metadata": ' + b"[" * depth + b"]" * depth + b"}"
+        raw = b'{"schema": "conversation.v1", "metadata": ' + b"[" * depth + b"]" * depth + b"}"
+        return raw, "not_json" if depth > ORJSON_MAX_DEPTH else "invalid_fields"  # parses, but no turns
     if kind == 5:
         ev["turns"][0]["text"] = "z" * rng.choice([25_000, 100_000])  # over max_chars_per_turn (20000)
-        return orjson.dumps(ev)
+        return orjson.dumps(ev), "text_too_long"
     if kind == 6:
-        return b'{"schema": "conversation.v1", "pad": "' + b"p" * 1_100_000 + b'"}'  # over max_event_bytes
-    if kind == 7:
+        return b'{"schema": "conversation.v1", "pad": "' + b"p" * 1_100_000 + b'"}', "too_large"
+    if kind == 7:  # over max_turns (500)
         ev["turns"] = [{"turn_id": f"t{j}", "speaker": "customer", "text": "hi"} for j in range(600)]
-        return orjson.dumps(ev)
+        return orjson.dumps(ev), "too_many_turns"
     if kind == 8:
         field = rng.choice(["revision", "turns", "tenant_id", "conversation_id", "event_id", "metadata"])
         ev[field] = rng.choice([None, "x", -1, 2**40, [], {}, [1, 2], 1.5, True])
-        return orjson.dumps(ev)
-    if kind == 9:
+        return orjson.dumps(ev), _field_outcome(field, ev[field])
+    if kind == 9:  # Postgres text cannot hold NUL
         ev["turns"][0]["text"] = "nul \x00 inside"
-        return orjson.dumps(ev)
+        return orjson.dumps(ev), "invalid_fields"
     if kind == 10:  # weird but valid: unicode everywhere, empty metadata, odd speakers
         ev["turns"] = [{"turn_id": "☃", "speaker": "клиент", "text": "💸 двойное списание " * rng.randrange(1, 50)}]
         ev["metadata"] = {}
-        return orjson.dumps(ev)
-    return orjson.dumps({"schema": "conversation.v1", "turns": "not a list", "n": i})
+        return orjson.dumps(ev), "ok"
+    return orjson.dumps({"schema": "conversation.v1", "turns": "not a list", "n": i}), "invalid_fields"
 
 
 async def test_service_survives_poison(settings: Settings) -> None:
     rng = random.Random(20261120)
     good = load_conversations(EXAMPLES / "conversations.jsonl", 20)
-    poison = [_poison(rng, i) for i in range(50)]
+    assert (settings.limits.max_chars_per_turn, settings.limits.max_turns) == (20_000, 500)  # as _poison assumes
+    built = [_poison(rng, i) for i in range(50)]
+    poison = [raw for raw, _ in built]
     expected: Counter[tuple[bytes, str]] = Counter()
     valid_poison: list[dict[str, Any]] = []
-    for raw in poison:
-        outcome = _check(raw, settings.limits)
+    for raw, outcome in built:
         if outcome == "ok":
             valid_poison.append(orjson.loads(raw))
         else:

@@ -357,7 +357,19 @@ def test_build_classification_has_the_design_fields() -> None:
     assert orjson.loads(encode(out)) == out
 
 
-def test_build_classification_is_deterministic() -> None:
-    conv = Conversation("acme", "c-1", 1, (Turn("t1", "customer", "hi"),))
-    kw = {"event_id": "x", "models": MODELS, "source": {"topic": "t", "partition": 1, "offset": 2}, "latency_ms": 5}
-    assert encode(build_classification(conv, [], **kw)) == encode(build_classification(conv, [], **kw))
+def test_a_replay_builds_the_same_event_but_for_its_latency() -> None:
+    """The output depends on the input alone (no clock, no random id, no object identity): a replay
+    of the same record, decoded afresh and answered afresh, differs only in latency_ms."""
+    raw = orjson.dumps({"schema": "conversation.v1", "event_id": "e", "tenant_id": "acme", "conversation_id": "c-1",
+                        "revision": 1, "turns": [{"turn_id": "t1", "speaker": "customer", "text": "hi"}]})
+
+    def replay(latency_ms: int) -> dict[str, Any]:
+        conv = decode_conversation(raw, LimitsConfig()).to_conversation()
+        answer = Answer("q", 1, "no", 0.25, "head", (Evidence("c-1:1:0", ("t1",), 0, 12, "customer: hi", 0.5),))
+        source = {"topic": "t", "partition": 1, "offset": 2}
+        return orjson.loads(encode(build_classification(conv, [answer], event_id="x", models=dict(MODELS),
+                                                        source=source, latency_ms=latency_ms)))
+
+    first, again = replay(5), replay(900)
+    assert (first.pop("latency_ms"), again.pop("latency_ms")) == (5, 900)
+    assert first == again

