@@ -116,7 +116,7 @@ async def enqueue(
     job_id = job_id or uuid.uuid4().hex[:12]
     jobs = BackfillJobs(pool)
     await jobs.create(job_id, qset_version, [f"{q.id}@{q.version}" for q in questions], tenant_id, since)
-    await ensure_topics(settings.kafka, [settings.topics.backfill], settings.topics.partitions)
+    await ensure_topics(settings.kafka, settings.topics)
     size = settings.backfill.item_size
     producer = make_producer(settings.kafka)
     await producer.start()

@@ -122,7 +122,7 @@ async def _service_phases(
     held = qset.questions[-1]
     before = _write(qfile, qset.questions[:-1])
     t = settings.topics
-    await ensure_topics(settings.kafka, [t.input, t.output, t.dlq, t.backfill], t.partitions)
+    await ensure_topics(settings.kafka, t)
     started: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
     service = asyncio.create_task(run_service(settings, on_running=started.set_result, install_signals=False))
     running = await started

@@ -121,8 +121,8 @@ async def test_backfill_answers_the_new_question_once_like_a_fresh_classificatio
         await produce(settings, [b"not a work item"], topic=settings.topics.backfill)
         code, out, err = await _flexor(settings, "backfill", "--question", "nope")
         assert (code, out) == (2, "") and err.count("\n") == 1 and "unknown question 'nope'" in err
-        code, out, _ = await _flexor(settings, "backfill", "--question", NEW, "--no-wait")
-        assert code == 0, out
+        code, out, err = await _flexor(settings, "backfill", "--question", NEW, "--no-wait")
+        assert code == 0, out + err
         job = out.split("flexor backfill --job ")[1].split()[0]
         pool = await create_pool(settings.database_url.get_secret_value(), max_size=2)
         try:
