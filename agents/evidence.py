@@ -57,6 +57,25 @@ def to_evidence(conv: EmbeddedConversation, chunk: Chunk, score: float) -> Evide
     )
 
 
+def rank_in_memory(
+    convs: Sequence[EmbeddedConversation], queries: np.ndarray, requests: Sequence[EvidenceRequest]
+) -> list[list[Evidence]]:
+    """Exact top-k from the conversations' own vectors, ranked as pgvector ranks them (cosine
+    distance, then chunk order)."""
+    out = []
+    for r in requests:
+        conv = convs[r.conv]
+        sims = conv.vectors @ queries[r.query]
+        allowed = [
+            i
+            for i, ch in enumerate(conv.chunks)
+            if not r.speakers or any(s in r.speakers for s in ch.speakers)
+        ]
+        allowed.sort(key=lambda i: (1.0 - float(sims[i]), i))
+        out.append([to_evidence(conv, conv.chunks[i], float(sims[i])) for i in allowed[: r.k]])
+    return out
+
+
 class MemoryEvidenceStore:
     async def upsert(self, convs: Sequence[EmbeddedConversation], embedder_id: str) -> None:
         return None  # the batch's own vectors are the store
@@ -70,16 +89,4 @@ class MemoryEvidenceStore:
         queries: np.ndarray,
         requests: Sequence[EvidenceRequest],
     ) -> list[list[Evidence]]:
-        out = []
-        for r in requests:
-            conv = convs[r.conv]
-            sims = conv.vectors @ queries[r.query]
-            allowed = [
-                i
-                for i, ch in enumerate(conv.chunks)
-                if not r.speakers or any(s in r.speakers for s in ch.speakers)
-            ]
-            # pgvector orders by cosine distance; ties fall back to chunk order as in SQL below.
-            allowed.sort(key=lambda i: (1.0 - float(sims[i]), i))
-            out.append([to_evidence(conv, conv.chunks[i], float(sims[i])) for i in allowed[: r.k]])
-        return out
+        return rank_in_memory(convs, queries, requests)

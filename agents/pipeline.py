@@ -19,7 +19,7 @@ import numpy as np
 from agents.cascade import Cascade, Stage1Result
 from agents.chunking import chunk_turns
 from agents.embedding_cache import EmbeddingCache
-from agents.evidence import EvidenceRequest, EvidenceStore
+from agents.evidence import EvidenceRequest, EvidenceStore, rank_in_memory
 from agents.questions import OPEN, Question, QuestionSet
 from agents.types import Answer, Conversation, EmbeddedConversation
 from models.embedder import Embedder
@@ -166,27 +166,44 @@ class Pipeline:
         embedded: Sequence[EmbeddedConversation] | None = None,
     ) -> BatchResult:
         """`embedded`: the conversations' `embed()` results from an earlier attempt, if kept."""
-
-        def lap(stage: str, since: float) -> float:
-            now = time.perf_counter()
-            if timer is not None:
-                timer(stage, now - since)
-            return now
-
-        asked = asked_questions(convs, questions)
         t = time.perf_counter()
         if embedded is None:
             embedded = await self.embed(convs, questions)
-            t = lap("embed", t)
+            t = _lap(timer, "embed", t)
         embedded = list(embedded)
-        work = [i for i, c in enumerate(convs) if needs_work(c, asked[i])]
-        done = [embedded[i] for i in work]
+        asked = asked_questions(convs, questions)
+        done = [embedded[i] for i, c in enumerate(convs) if needs_work(c, asked[i])]
         await self.store.upsert(done, self.embedder.model_id)
-        t = lap("store", t)
+        _lap(timer, "store", t)
+        result = await self.answer(embedded, questions, timer)
+        newest: dict[tuple[str, str], int] = {}
+        for ec in done:
+            c = ec.conversation
+            newest[(c.tenant_id, c.conversation_id)] = max(newest.get((c.tenant_id, c.conversation_id), 0), c.revision)
+        if len(newest) < len(done):  # a growing chat's revisions in one batch: keep only the newest stored
+            await self.store.prune([(*k, r) for k, r in newest.items()])
+        return result
 
+    async def answer(
+        self,
+        embedded: Sequence[EmbeddedConversation],
+        questions: QuestionSet,
+        timer: StageTimer | None = None,
+        evidence_in_memory: bool = False,
+    ) -> BatchResult:
+        """Retrieve evidence and run the cascade for conversations whose chunks are stored already
+        (just upserted by `classify`, or read back from the store by a backfill): the answers of
+        each conversation, in question order, for the questions that apply to it.
+
+        `evidence_in_memory` ranks the conversations' own vectors in the worker thread instead of
+        asking the store: the same ranking, without a database round trip per question (for
+        conversations loaded with their stored vectors)."""
+        t = time.perf_counter()
+        embedded = list(embedded)
+        asked = asked_questions([e.conversation for e in embedded], questions)
         plan: list[tuple[Question, list[int]]] = []
         for q in questions.questions:
-            idx = [i for i in work if q.id in asked[i] and embedded[i].chunks]
+            idx = [i for i, e in enumerate(embedded) if q.id in asked[i] and e.chunks]
             if idx:
                 plan.append((q, idx))
         queries = await self._in_worker(self._queries, [q for q, _ in plan])
@@ -195,26 +212,30 @@ class Pipeline:
             for qi, (q, idx) in enumerate(plan)
             for i in idx
         ]
-        evidence = await self.store.top_k(embedded, queries, requests)
-        newest: dict[tuple[str, str], int] = {}
-        for ec in done:
-            c = ec.conversation
-            newest[(c.tenant_id, c.conversation_id)] = max(newest.get((c.tenant_id, c.conversation_id), 0), c.revision)
-        if len(newest) < len(done):  # a growing chat's revisions in one batch: keep only the newest stored
-            await self.store.prune([(*k, r) for k, r in newest.items()])
-        t = lap("retrieve", t)
+        if evidence_in_memory:
+            evidence = await self._in_worker(rank_in_memory, embedded, queries, requests)
+        else:
+            evidence = await self.store.top_k(embedded, queries, requests)
+        t = _lap(timer, "retrieve", t)
 
         stage1 = await self._in_worker(self._stage1, plan, embedded)
-        t = lap("stage1", t)
+        t = _lap(timer, "stage1", t)
         per_question, pos = [], 0
         for (q, idx), s1 in zip(plan, stage1, strict=True):
             per_question.append((q, s1, evidence[pos : pos + len(idx)]))
             pos += len(idx)
         decisions = await self.cascade.decide(per_question)
-        lap("cascade", t)
+        _lap(timer, "cascade", t)
 
-        answers: list[list[Answer]] = [[] for _ in convs]
+        answers: list[list[Answer]] = [[] for _ in embedded]
         for (q, idx), (_, _, ev), ds in zip(plan, per_question, decisions, strict=True):
             for i, e, d in zip(idx, ev, ds, strict=True):
                 answers[i].append(Answer(q.id, q.version, d.answer, d.p_yes, d.decided_by, tuple(e)))
         return BatchResult(answers, embedded, [(q, idx, s1) for (q, idx), s1 in zip(plan, stage1, strict=True)])
+
+
+def _lap(timer: StageTimer | None, stage: str, since: float) -> float:
+    now = time.perf_counter()
+    if timer is not None:
+        timer(stage, now - since)
+    return now

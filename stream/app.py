@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -20,6 +20,7 @@ from agents.similarity import SimilarityScorer
 from agents.store import open_database
 from agents.store.chunks import PgEvidenceStore
 from models.embedder import Embedder, load_embedder
+from stream.backfill import BackfillWorker
 from stream.config import Settings, redact_url
 from stream.feedback import FeedbackConsumer
 from stream.http import make_app, start_http
@@ -36,6 +37,7 @@ class Running:
     service: Service
     metrics: Metrics
     http_port: int
+    backfill: BackfillWorker
 
 
 def load_heads(settings: Settings, embedder: Embedder) -> tuple[dict[str, Stage1Scorer], str]:
@@ -90,17 +92,25 @@ async def build_pipeline(
     return pipeline, models, llm
 
 
-async def _run_with_feedback(service: Service, feedback: FeedbackConsumer) -> None:
-    """The service with the feedback consumer beside it; either one failing stops both."""
-    task = asyncio.create_task(feedback.run(), name="feedback")
-    task.add_done_callback(lambda t: service.stop() if not t.cancelled() and t.exception() else None)
+async def _run_beside(service: Service, workers: Sequence[FeedbackConsumer | BackfillWorker]) -> None:
+    """The live service with its side workers (the feedback consumer, the backfill worker): a stop
+    request stops them all, and a worker failing stops the service too and is raised."""
+    tasks = [asyncio.create_task(w.run(), name=type(w).__name__) for w in workers]
+    for task in tasks:
+        task.add_done_callback(lambda t: service.stop() if not t.cancelled() and t.exception() else None)
     try:
         await service.run()
     finally:
-        feedback.stop()
-        await asyncio.wait({task})
-    if task.exception() is not None:
-        raise task.exception()  # type: ignore[misc]
+        for w in workers:
+            w.stop()
+        _, pending = await asyncio.wait(tasks, timeout=30)
+        for task in pending:
+            log.warning("%s did not finish its work in hand within 30 s: abandoned uncommitted", task.get_name())
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
 
 
 async def run_service(
@@ -125,6 +135,7 @@ async def run_service(
             build_monitor, settings, metrics, pipeline.embedder, cascade.zero_shot, cascade.heads, llm, pool
         )
         service = Service(settings, pipeline, questions, pool, metrics, models, monitor)
+        backfill = BackfillWorker(settings, pipeline, questions, pool, metrics, models)
 
         app = make_app(registry, service.readiness)
         runner, port = await start_http(app, settings.metrics_host, settings.metrics_port)
@@ -137,10 +148,10 @@ async def run_service(
         log.info("service starting: metrics on http://%s:%d/metrics", settings.metrics_host, port)
         try:
             if on_running is not None:
-                result = on_running(Running(service, metrics, port))
+                result = on_running(Running(service, metrics, port, backfill))
                 if asyncio.iscoroutine(result):
                     await result
-            await _run_with_feedback(service, FeedbackConsumer(settings, pool, metrics))
+            await _run_beside(service, [FeedbackConsumer(settings, pool, metrics), backfill])
         finally:
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

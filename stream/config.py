@@ -64,6 +64,8 @@ class TopicsConfig(BaseModel):
     input: str = "conversations"
     output: str = "classifications"
     dlq: str = "conversations.dlq"
+    # Backfill work items (`flexor backfill`), consumed by every replica in its own group.
+    backfill: str = "conversations.backfill"
     # Reviewers' answers (feedback.v1), stored as `human` labels by the service.
     feedback: str = "classifications.feedback"
     # Used only when the service creates missing topics (--create-topics, flexor up).
@@ -83,6 +85,26 @@ class BatchConfig(BaseModel):
     # a bad deploy must not drain the topic into the DLQ (`stream.poison`). 0 stops on the first.
     max_poison_ratio: float = Field(default=0.05, ge=0.0, le=1.0)
     poison_window: int = Field(default=200, ge=1)
+
+
+class BackfillConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Conversations per second that one replica backfills at most, so live traffic keeps its
+    # latency (0 = no limit).
+    max_rate: float = Field(default=100.0, ge=0.0)
+    # Conversations per work item that `flexor backfill` enqueues; a replica answers an item as
+    # one batch, and a crash repeats at most the item in hand.
+    item_size: int = Field(default=64, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _items_keep_coming(self) -> BackfillConfig:
+        # A replica waits item_size / max_rate between items without polling; waits near
+        # kafka.max_poll_interval_ms would cost it its place in the consumer group.
+        if self.max_rate and self.item_size / self.max_rate > 60:
+            raise ValueError("backfill.item_size / backfill.max_rate must be at most 60 seconds: "
+                             "raise max_rate or lower item_size")
+        return self
 
 
 class LimitsConfig(BaseModel):
@@ -150,6 +172,7 @@ class Settings(BaseSettings):
     topics: TopicsConfig = TopicsConfig()
     group_id: str = "flexor-stream"
     batch: BatchConfig = BatchConfig()
+    backfill: BackfillConfig = BackfillConfig()
     limits: LimitsConfig = LimitsConfig()
     models: ModelsConfig = ModelsConfig()
     drift: DriftConfig = DriftConfig()
@@ -266,6 +289,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "FLEXOR_TOPICS__INPUT": settings.topics.input,
         "FLEXOR_TOPICS__OUTPUT": settings.topics.output,
         "FLEXOR_TOPICS__DLQ": settings.topics.dlq,
+        "FLEXOR_TOPICS__BACKFILL": settings.topics.backfill,
+        "FLEXOR_BACKFILL__MAX_RATE": str(settings.backfill.max_rate),
         "FLEXOR_TOPICS__FEEDBACK": settings.topics.feedback,
         "FLEXOR_GROUP_ID": settings.group_id,
         "FLEXOR_QUESTIONS_FILE": str(settings.questions_file),

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from stream import schemas
+from stream.backfill import WorkItem
 
 # File stem -> model.
 MODELS: dict[str, type[BaseModel]] = {
@@ -20,6 +21,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "classification.v1": schemas.ClassificationV1,
     "feedback.v1": schemas.FeedbackV1,
     "dead-letter.headers.v1": schemas.DeadLetterHeadersV1,
+    "backfill.v1": WorkItem,
 }
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "docs" / "schemas"

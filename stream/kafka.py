@@ -61,7 +61,7 @@ def make_producer(
 
 
 async def ensure_topics(cfg: KafkaConfig, topics: TopicsConfig) -> None:
-    """Create the input, output, DLQ and feedback topics that do not exist yet, with
+    """Create the input, output, DLQ, feedback and backfill topics that do not exist yet, with
     `topics.partitions` and `topics.replication_factor`; existing ones are left as they are."""
     admin = AIOKafkaAdminClient(**connection_kwargs(cfg))
     await admin.start()
@@ -69,7 +69,8 @@ async def ensure_topics(cfg: KafkaConfig, topics: TopicsConfig) -> None:
         existing = set(await admin.list_topics())
         new = [
             NewTopic(t, topics.partitions, topics.replication_factor)
-            for t in (topics.input, topics.output, topics.dlq, topics.feedback) if t not in existing
+            for t in (topics.input, topics.output, topics.dlq, topics.feedback, topics.backfill)
+            if t not in existing
         ]
         if new:
             try:

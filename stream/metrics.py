@@ -79,6 +79,16 @@ class Metrics:
         self.transactions = Counter(
             "flexor_transactions_total", "Exactly-once batch transactions", ["result"], registry=registry
         )
+        self.backfill = Counter(
+            "flexor_backfill_conversations_total",
+            "Stored conversations taken from backfill work items, by outcome",
+            ["result"],  # published, answered_already, stale, refused
+            registry=registry,
+        )
+        self.backfill_items = Counter(
+            "flexor_backfill_items_total", "Backfill work items finished or dead-lettered", ["result"],
+            registry=registry,
+        )
         self.feedback = Counter(
             "flexor_feedback_total", "Feedback records consumed", ["result"], registry=registry
         )

@@ -101,6 +101,7 @@ def make_settings(infra: Endpoints, database: str, **overrides: object) -> Setti
             "topics.input": f"conversations-{suffix}",
             "topics.output": f"classifications-{suffix}",
             "topics.dlq": f"dlq-{suffix}",
+            "topics.backfill": f"backfill-{suffix}",
             "topics.feedback": f"feedback-{suffix}",
             "topics.partitions": 4,
             "group_id": f"group-{suffix}",

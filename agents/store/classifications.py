@@ -63,3 +63,30 @@ class ClassificationsTable:
                 for e, qset in events
             ],
         )
+
+    async def answers_at(
+        self, revisions: Sequence[tuple[str, str, int]], models: dict[str, str]
+    ) -> dict[tuple[str, str], dict[tuple[str, int], dict[str, Any]]]:
+        """Published answers per (tenant_id, conversation_id) at exactly these revisions, by
+        (question id, question version), from events made with these `models` (a backfill reuses
+        them instead of answering again)."""
+        if not revisions:
+            return {}
+        rows = await self._pool.fetch(
+            """
+            SELECT c.tenant_id, c.conversation_id, c.answers
+            FROM classifications c
+            JOIN unnest($1::text[], $2::text[], $3::int[]) AS k(tenant_id, conversation_id, revision)
+              ON c.tenant_id = k.tenant_id AND c.conversation_id = k.conversation_id AND c.revision = k.revision
+            WHERE c.event -> 'models' = $4::jsonb
+            ORDER BY c.created_at
+            """,
+            [r[0] for r in revisions], [r[1] for r in revisions], [r[2] for r in revisions],
+            orjson.dumps(models).decode(),
+        )
+        out: dict[tuple[str, str], dict[tuple[str, int], dict[str, Any]]] = {}
+        for r in rows:
+            by_question = out.setdefault((r["tenant_id"], r["conversation_id"]), {})
+            for a in orjson.loads(r["answers"]):
+                by_question[(a["question_id"], a["question_version"])] = a
+        return out

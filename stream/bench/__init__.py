@@ -13,6 +13,8 @@
            dtype given (stream.bench.llm_throughput).
 --learn    the labelling loop: labels in rounds chosen by uncertainty vs at random, heads trained
            from the store each round, against heads on every label (stream.bench.learn).
+--backfill backfill of a question added after streaming vs the streaming path, live latency
+           during a backfill, and corpus search recall and latency (stream.bench.backfill).
 Results are JSON in --report DIR (bench.json), plus Markdown and PNG where the mode has them.
 """
 
@@ -43,11 +45,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="an LLM engine's prompts/s and tokens/s per batch size (--engine, --batch-sizes)")
     mode.add_argument("--learn", action="store_true",
                       help="labelling loop: uncertainty vs random label rounds, trained from the store each round")
+    mode.add_argument("--backfill", action="store_true",
+                      help="backfill vs streaming conv/s, live latency during a backfill, corpus search recall")
     p.add_argument("--conversations", type=Path, nargs="+", default=[EXAMPLES / "conversations.jsonl"],
                    help="JSONL(.gz) conversations (conversation.v1 or the labelled-data format)")
     p.add_argument("--questions", type=Path, default=None, help="questions file (default: examples/questions.yaml)")
     p.add_argument("--answers", type=Path, default=None,
-                   help="gold answers (--compare: for macro-F1; --learn: the teacher and the measure)")
+                   help="gold answers (--compare: for macro-F1; --learn: the teacher and the measure; "
+                        "--backfill: F1 of the backfilled question)")
     p.add_argument("--heads", type=Path, default=None,
                    help="trained heads directory (its questions.yaml is the default --questions)")
     p.add_argument("--llm", default=None, help="--e2e/--load: LLM stage engine spec (e.g. openai:http://127.0.0.1:8899)")
@@ -68,7 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--audit-rate", type=float, default=0.01, help="--monitoring: audit rate of the audited variants")
     p.add_argument("--shadow-heads", type=Path, default=None, help="--monitoring: candidate heads directory")
     p.add_argument("--limit", type=int, default=None,
-                   help="conversations to use (default 500; --learn: per file, default all)")
+                   help="conversations to use (default 500; --backfill: per file, streamed and backfilled, "
+                        "search uses all; --learn: per file, default all)")
     p.add_argument("--rate", type=float, default=None, help="--load: events per second")
     p.add_argument("--duration", type=float, default=600.0, help="--load: seconds of load")
     p.add_argument("--load-factor", type=float, default=0.8,
@@ -121,6 +127,10 @@ def run(args: argparse.Namespace) -> int:
         from stream.bench.load import run_load
 
         return run_load(args)
+    if args.backfill:
+        from stream.bench.backfill import run_backfill_bench
+
+        return run_backfill_bench(args)
     if args.llm_throughput:
         from stream.bench.llm_throughput import run_llm_throughput
 
@@ -212,6 +222,7 @@ def embedded_settings(stack: Any, name: str, questions: Path | None, **extra: An
             "topics.input": f"{name}-in-{suffix}",
             "topics.output": f"{name}-out-{suffix}",
             "topics.dlq": f"{name}-dlq-{suffix}",
+            "topics.backfill": f"{name}-backfill-{suffix}",
             "topics.feedback": f"{name}-feedback-{suffix}",
             "group_id": f"{name}-{suffix}",
             "questions_file": questions or EXAMPLES / "questions.yaml",

@@ -254,14 +254,15 @@ def test_asyncapi_document_is_valid_and_matches_the_service() -> None:
     assert doc["version"].startswith("3.")
     defaults = load_settings(None)
     channels = {c["address"]: c for c in doc["channels"]}
-    assert set(channels) == {defaults.topics.input, defaults.topics.output, defaults.topics.dlq,
-                             defaults.topics.feedback}
+    topics = defaults.topics
+    assert set(channels) == {topics.input, topics.output, topics.dlq, topics.feedback, topics.backfill}
     ops = {o["id"]: o for o in doc["operations"]}
     receive = {o["channels"][0]: o for o in ops.values() if o["action"] == "receive"}
-    assert set(receive) == {defaults.topics.input, defaults.topics.feedback}
-    assert receive[defaults.topics.input]["kafka"]["groupId"]["enum"] == [defaults.group_id]
-    assert receive[defaults.topics.feedback]["kafka"]["groupId"]["enum"] == [feedback_group(defaults)]
-    (fb,) = channels[defaults.topics.feedback]["messages"]
+    assert set(receive) == {topics.input, topics.feedback, topics.backfill}
+    assert receive[topics.input]["kafka"]["groupId"]["enum"] == [defaults.group_id]
+    assert receive[topics.feedback]["kafka"]["groupId"]["enum"] == [feedback_group(defaults)]
+    assert receive[topics.backfill]["kafka"]["groupId"]["enum"] == [f"{defaults.group_id}.backfill"]
+    (fb,) = channels[topics.feedback]["messages"]
     assert {"answer", "reviewer", "question_version"} <= set(fb["payloadProperties"])
     assert {c for o in ops.values() if o["action"] == "send" for c in o["channels"]} == {
         defaults.topics.output, defaults.topics.dlq}
@@ -272,6 +273,8 @@ def test_asyncapi_document_is_valid_and_matches_the_service() -> None:
     assert {"error.reason", "source.offset", "ce_id"} <= set(dead["requiredHeaders"])
     for c in channels.values():
         assert all(m["key"]["type"] == "string" for m in c["messages"])
+    (item,) = channels[topics.backfill]["messages"]
+    assert {"job_id", "item", "conversations"} <= set(item["payloadProperties"])
 
 
 def test_the_asyncapi_check_catches_a_broken_document(tmp_path: Path) -> None:
