@@ -82,6 +82,24 @@ async def database(infra: Endpoints) -> AsyncIterator[str]:
 
 
 @pytest.fixture
+async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on the test's fresh database, migrated."""
+    from agents.store import create_pool
+    from agents.store.migrate import migrate
+
+    conn = await asyncpg.connect(database)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    pool = await create_pool(database, max_size=2)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
 def settings(infra: Endpoints, database: str) -> Settings:
     return make_settings(infra, database)
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import asyncpg
 import orjson
-import pytest
 
 from agents.cascade import Cascade
 from agents.chunking import chunk_turns, transcript
@@ -16,9 +14,7 @@ from agents.evidence import MemoryEvidenceStore
 from agents.pipeline import Pipeline
 from agents.questions import QuestionSet, load_questions
 from agents.similarity import SimilarityScorer
-from agents.store import create_pool
 from agents.store.chunks import PgEvidenceStore
-from agents.store.migrate import migrate
 from agents.types import Conversation
 from models.embedder import load_embedder
 from models.llm.guard import strip_instructions
@@ -26,20 +22,6 @@ from stream.config import LimitsConfig
 from stream.dev.produce import load_conversations
 from stream.schemas import decode_conversation
 from tests.conftest import EXAMPLES
-
-
-@pytest.fixture
-async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
-    conn = await asyncpg.connect(database)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    pool = await create_pool(database, max_size=2)
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 def growing(conv: Conversation, tenant: str) -> list[Conversation]:

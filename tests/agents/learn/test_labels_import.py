@@ -4,7 +4,6 @@ conversations, and every kind of bad line reported by number with nothing import
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -13,29 +12,20 @@ import pytest
 from agents.learn.datasets import read_service_conversations
 from agents.learn.labels_import import LabelFileError, import_labels
 from agents.questions import load_questions
-from agents.store import create_pool
 from agents.store.conversations import upsert_conversations
 from agents.store.labels import LabelsTable
-from agents.store.migrate import migrate
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 QUESTIONS = load_questions(EXAMPLES / "questions.yaml")
 
 
 @pytest.fixture
-async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
-    conn = await asyncpg.connect(database)
-    try:
-        await migrate(conn)
-        # The examples as the service stores them (turns and metadata; chunks play no part here).
+async def pool(pool: asyncpg.Pool) -> asyncpg.Pool:
+    """The migrated pool (tests/conftest.py) with the examples as the service stores them (turns and
+    metadata; chunks play no part here)."""
+    async with pool.acquire() as conn:
         await upsert_conversations(conn, read_service_conversations(EXAMPLES / "conversations.jsonl"), "e")
-    finally:
-        await conn.close()
-    pool = await create_pool(database, max_size=2)
-    try:
-        yield pool
-    finally:
-        await pool.close()
+    return pool
 
 
 def write(path: Path, rows: list[object]) -> Path:

@@ -4,21 +4,17 @@ counts a redelivered item once."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import pytest
 
 from agents.chunking import Turn
 from agents.pipeline import embed_conversations
 from agents.questions import Question
-from agents.store import create_pool
 from agents.store.backfill import BackfillJobs, scan_unanswered
 from agents.store.chunks import PgEvidenceStore
 from agents.store.classifications import ClassificationsTable
-from agents.store.migrate import migrate
 from agents.types import Conversation
 from models.embedder import load_embedder
 
@@ -40,20 +36,6 @@ def event(c: Conversation, revision: int, answered: list[tuple[str, int]]) -> di
                      "evidence": []} for q, v in answered],
         "models": {}, "source": {"topic": "in", "partition": 0, "offset": 0},
     }
-
-
-@pytest.fixture
-async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
-    conn = await asyncpg.connect(database)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    pool = await create_pool(database, max_size=2)
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 async def test_scan_selects_stored_revisions_without_an_answer_to_the_current_version(pool: asyncpg.Pool) -> None:

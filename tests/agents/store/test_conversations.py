@@ -4,7 +4,6 @@ the same conversation with the same chunks and vectors, and mismatches are refus
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import asyncpg
@@ -13,10 +12,8 @@ import pytest
 
 from agents.chunking import Turn
 from agents.pipeline import embed_conversations
-from agents.store import create_pool
 from agents.store.chunks import PgEvidenceStore
 from agents.store.conversations import ConversationsTable, StoreMismatch
-from agents.store.migrate import migrate
 from agents.types import Conversation
 from models.embedder import load_embedder
 
@@ -30,20 +27,6 @@ def conversation(cid: str, revision: int, n_turns: int, tenant: str = "acme", da
     )
     return Conversation(tenant, cid, revision, turns, {"channel": "chat", "n": n_turns},
                         status="open" if revision < 3 else "closed", occurred_at=datetime(2026, 11, day, tzinfo=UTC))
-
-
-@pytest.fixture
-async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
-    conn = await asyncpg.connect(database)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    pool = await create_pool(database, max_size=2)
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 async def store(pool: asyncpg.Pool, convs: list[Conversation], embedder_id: str = EMBEDDER.model_id) -> None:

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import asyncpg
 import pytest
 
-from agents.store import create_pool
 from agents.store.labels import Label, LabelsTable, source_rank, teacher_source
-from agents.store.migrate import migrate
 
 
 @pytest.fixture
-async def table(database: str) -> AsyncIterator[LabelsTable]:
-    conn = await asyncpg.connect(database)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    pool = await create_pool(database, max_size=2)
-    try:
-        yield LabelsTable(pool)
-    finally:
-        await pool.close()
+def table(pool: asyncpg.Pool) -> LabelsTable:
+    return LabelsTable(pool)
 
 
 def label(answer: str, source: str, conv: str = "c1", given_by: str = "someone") -> Label:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -16,9 +15,7 @@ import pytest
 
 from agents.chunking import Turn, transcript
 from agents.pipeline import embed_conversations
-from agents.store import create_pool
 from agents.store.chunks import PgEvidenceStore
-from agents.store.migrate import migrate
 from agents.store.search import CorpusSearch
 from agents.types import Conversation
 from models.embedder import load_embedder
@@ -41,18 +38,10 @@ QUERY = "my iguana ordered kale by walking on the keyboard"
 
 
 @pytest.fixture
-async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
-    conn = await asyncpg.connect(database)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    pool = await create_pool(database, max_size=2)
+async def pool(pool: asyncpg.Pool) -> asyncpg.Pool:
+    """The migrated pool (tests/conftest.py) with the stored conversations."""
     await _store(pool)
-    try:
-        yield pool
-    finally:
-        await pool.close()
+    return pool
 
 
 async def _store(pool: asyncpg.Pool) -> None:
