@@ -184,7 +184,7 @@ async def _demo(
             f"Metrics were served on http://127.0.0.1:{r.http_port}/metrics"
         )
         if labels is not None:
-            await _lifecycle(settings, pool, labels, console)
+            return await _lifecycle(settings, pool, labels, console, timeout_s)
         return 0
     finally:
         await pool.close()
@@ -221,14 +221,22 @@ async def _classify(
             await asyncio.sleep(0.25)
 
 
-async def _lifecycle(settings: Settings, pool: asyncpg.Pool, labels: Path, console: Console) -> None:
+async def _lifecycle(settings: Settings, pool: asyncpg.Pool, labels: Path, console: Console, timeout_s: float) -> int:
     console.print("\n[bold]The learning loop[/bold]: labels for half of the conversations, heads trained from "
                   "the store, a backfill, and the other half scored before and after")
     with tempfile.TemporaryDirectory(prefix="flexor-demo-") as workdir:
-        result = await run_lifecycle(settings, pool, labels, Path(workdir), serving,
-                                     say=lambda line: console.print(line, markup=False, highlight=False))
+        try:
+            result = await asyncio.wait_for(
+                run_lifecycle(settings, pool, labels, Path(workdir), serving,
+                              say=lambda line: console.print(line, markup=False, highlight=False)),
+                timeout_s,
+            )
+        except TimeoutError:
+            console.print(f"[red]the learning loop timed out after {timeout_s:.0f} s[/red]")
+            return 1
     _print_before_after(console, result)
     console.print(f"learning loop: {result.seconds:.1f} s")
+    return 0
 
 
 def _dlq_count(r: Running) -> int:
