@@ -378,9 +378,10 @@ def load_heads(
     if (root / LEXICON_FILE).exists():
         lexicon = Lexicon.load(root)
         digest.update((root / LEXICON_FILE).read_bytes())
+    if not heads:  # every question kept the zero-shot path (too few labels)
+        return {}, "none"
     scorer = HeadScorer(heads, features or FeatureExtractor(embedder), lexicon=lexicon)
-    version = f"{FEATURE_VERSION}-{digest.hexdigest()[:12]}" if heads else "none"
-    return dict.fromkeys(heads, scorer), version
+    return dict.fromkeys(heads, scorer), f"{FEATURE_VERSION}-{digest.hexdigest()[:12]}"
 
 
 def head_ids_by_question(root: str | Path) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """`flexor dlq summary` and `flexor dlq replay`: put dead letters back once their cause is fixed.
 
 Replay re-produces each chosen dead letter's original key, bytes and headers (`stream.headers`
-undoes what the DLQ added) to the input topic (dead feedback to the feedback topic):
+undoes what the DLQ added) to the input topic (dead feedback and backfill work items to their own
+topics):
 
 - at most once per DLQ offset: each record is claimed in the `dlq_replays` table before it is
   produced, so neither a second run nor another filter sends it again (a crash between the claim
@@ -223,11 +224,13 @@ async def _replay_batch(
             report.truncated += 1
         else:
             chosen.append(r)
-    # Bad feedback shares the DLQ topic: it goes back to the feedback topic, the rest to the input.
+    # Bad feedback and failed backfill items share the DLQ topic: each goes back to the topic it
+    # came from, the rest to the input.
+    own = {settings.topics.feedback, settings.topics.backfill}
     by_target: dict[str, list[Record]] = {}
     for r in chosen:
-        fed = header(r, "source.topic") == settings.topics.feedback
-        by_target.setdefault(settings.topics.feedback if fed else target, []).append(r)
+        source = header(r, "source.topic")
+        by_target.setdefault(source if source in own else target, []).append(r)
     for to, records in by_target.items():
         keys = [(r.partition, r.offset) for r in records]
         if report.dry_run:

@@ -78,7 +78,8 @@ class LabelRun:
 
 def stage1(cascade: Cascade, question: Question, convs: Sequence[EmbeddedConversation]) -> tuple[np.ndarray, float]:
     """(stage-1 p_yes per conversation, the decision threshold) for one question."""
-    result = cascade.stage1(question, list(convs))
+    convs = list(convs)
+    (result,) = cascade.stage1([(question, list(range(len(convs))))], convs)
     return np.asarray(result.p_yes, np.float64), float(result.threshold)
 
 

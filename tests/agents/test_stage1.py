@@ -14,7 +14,7 @@ import pytest
 from agents.cascade import Cascade
 from agents.chunking import Turn
 from agents.features import PHRASE_BANK, TAIL_CHUNKS, FeatureExtractor
-from agents.heads import HeadScorer
+from agents.heads import HeadScorer, load_heads
 from agents.learn.train import FewShotPool, fit_few_shot, fit_head
 from agents.lexical import Lexicon
 from agents.pipeline import embed_conversations
@@ -157,3 +157,9 @@ def test_stage1_keeps_nothing_of_a_batch(batch) -> None:  # type: ignore[no-unty
     del ec
     gc.collect()
     assert vectors() is None, "stage 1 still holds the batch's conversations"
+
+
+def test_a_heads_dir_whose_questions_all_kept_zero_shot_loads_as_no_heads(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # `flexor train --from-store` with too few labels of every question writes no head directory.
+    (tmp_path / "manifest.json").write_text("{}")
+    assert load_heads(tmp_path, load_embedder("onnx-int8")) == ({}, "none")

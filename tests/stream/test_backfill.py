@@ -28,6 +28,7 @@ from stream.backfill import Pacer, decode_item, encode_item
 from stream.backfill_command import enqueue, follow
 from stream.config import ConfigError, Settings, load_settings
 from stream.dev.produce import load_conversations
+from stream.replay import replay
 from stream.schemas import InvalidEvent, classification_event_id, decode_conversation
 from tests.conftest import EXAMPLES, REPO
 from tests.harness import (
@@ -302,6 +303,13 @@ async def test_a_work_item_that_keeps_raising_goes_to_the_dlq_and_the_worker_goe
         assert h["error.message"] == b"planted failure"
         assert h["source.topic"] == settings.topics.backfill.encode()
         assert decode_item(d.value).job_id
+    # Once the cause is fixed, `flexor dlq replay` puts them back on the backfill topic.
+    inputs_before = len(await read_topic(settings, settings.topics.input))
+    report = await replay(settings, reason="processing_error")
+    assert sum(report.replayed.values()) == items
+    back = [r.value for r in await read_topic(settings, settings.topics.backfill)]
+    assert all(back.count(d.value) == 2 for d in dead)
+    assert len(await read_topic(settings, settings.topics.input)) == inputs_before
 
 
 @pytest.mark.parametrize(

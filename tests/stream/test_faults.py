@@ -256,13 +256,13 @@ async def test_a_failing_write_step_is_retried_without_repeating_model_work(
     import agents.pipeline
 
     embedded: list[str] = []
-    real = agents.pipeline.embed_conversations
+    real = agents.pipeline.embed_batch
 
-    def counting(embedder: Any, convs: Any) -> Any:
+    def counting(embedder: Any, convs: Any, cache: Any = None) -> Any:
         embedded.extend(c.conversation_id for c in convs)
-        return real(embedder, convs)
+        return real(embedder, convs, cache)
 
-    monkeypatch.setattr(agents.pipeline, "embed_conversations", counting)
+    monkeypatch.setattr(agents.pipeline, "embed_batch", counting)
     url = settings.database_url.get_secret_value()
     admin = await asyncpg.connect(url)
     try:

@@ -251,7 +251,9 @@ async def test_shadow_agreement_is_what_heads_diff_prints_offline(drift_run: Run
         questions=None, limit=None, embedder="onnx-int8", json=None,
     ))["questions"]
     online = drift_run.extra["shadow_phase1"]
-    assert set(offline) == set(QUESTIONS)
+    assert set(QUESTIONS) <= set(offline)
+    # The heads' questions.yaml keeps every question; those without a head are zero-shot on both sides.
+    assert all(offline[q]["agreement"] == 1.0 for q in set(offline) - set(QUESTIONS))
     for q in QUESTIONS:
         agree, disagree = online[q]
         assert agree + disagree == offline[q]["n"] == WINDOW, q

@@ -121,7 +121,7 @@ def raising_embedder(monkeypatch: pytest.MonkeyPatch) -> None:
     import stream.app
 
     real = stream.app.load_embedder
-    monkeypatch.setattr(stream.app, "load_embedder", lambda name: RaisingEmbedder(real(name)))
+    monkeypatch.setattr(stream.app, "load_embedder", lambda *a, **k: RaisingEmbedder(real(*a, **k)))
 
 
 def _planted(event: dict[str, Any]) -> dict[str, Any]:

@@ -224,8 +224,9 @@ async def test_revisions_replays_and_http(settings: Settings) -> None:
     row = next(line for line in readme.splitlines() if line.startswith("| `flexor_stage_seconds`"))
     documented = set(re.findall(r"`([a-z0-9]+)`", row.split("|")[3].split("(", 1)[1]))
     observed = {dict(labels)["stage"] for name, labels in samples if name == "flexor_stage_seconds_count"}
-    # commit: exactly-once mode only; audit and shadow: with audit sampling or shadow heads on
-    assert documented - observed == {"commit", "audit", "shadow"} and observed <= documented
+    # commit: exactly-once mode only; audit and shadow: with audit sampling or shadow heads on;
+    # backfill: while a backfill work item is answered
+    assert documented - observed == {"commit", "audit", "shadow", "backfill"} and observed <= documented
     example = orjson.loads(re.search(r'"models": (\{[^}]*\})', readme).group(1))  # type: ignore[union-attr]
     assert example == published[0]["models"]
     await check_delivery(settings, events[3:] + [events[2], newer] + events[:2])
