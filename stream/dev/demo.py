@@ -6,7 +6,10 @@ on free ports or the ones given. Once the service runs, one parseable line names
 stdout carries only `export` lines that another shell can `source`.
 
 With --demo it replays the example conversations (plus two malformed events, to show the DLQ),
-shows progress, prints a summary table and exits 0 once every conversation revision is classified.
+shows progress, and once every conversation revision is classified prints a summary table (with
+precision and recall against the gold labels), runs the learning loop on them (lifecycle.py:
+import half the labels, train from the store, restart with the heads, backfill, score the other
+half before and after) and exits 0.
 """
 
 from __future__ import annotations
