@@ -305,7 +305,7 @@ class BackfillWorker:
         for e in todo:
             c = e.conversation
             have = earlier.get((c.tenant_id, c.conversation_id), {})
-            applicable = [q for q in qset.questions if q.applies(c.metadata) and e.chunks]
+            applicable = asked(qset, e)
             wanted.append([q for q in applicable if (q.id, q.version) not in have])
         missing = {q.id: q for qs in wanted for q in qs}
         computed: list[list[dict[str, Any]]] = [[] for _ in todo]
@@ -324,8 +324,7 @@ class BackfillWorker:
                            **{(a["question_id"], a["question_version"]): a for a in fresh}}
             ev = build_classification(c, [], event_id=self._event_id(e, qset.version), models=self.models,
                                       source=source, latency_ms=latency_ms)
-            ev["answers"] = [by_question[(q.id, q.version)] for q in qset.questions
-                             if q.applies(c.metadata) and e.chunks]
+            ev["answers"] = [by_question[(q.id, q.version)] for q in asked(qset, e)]
             events.append(ev)
         return events
 
@@ -338,3 +337,10 @@ class BackfillWorker:
         current = [ev for ev in events if stored.get((ev["tenant_id"], ev["conversation_id"])) == ev["revision"]]
         self.metrics.backfill.labels("stale").inc(len(events) - len(current))
         return current
+
+
+def asked(qset: QuestionSet, e: EmbeddedConversation) -> list[Question]:
+    """The questions the live path answers for this stored revision, in question order: those that
+    apply to it, and for an open revision only the real-time ones."""
+    c = e.conversation
+    return [q for q in qset.questions if q.applies(c.metadata) and q.asked_at(c.status) and e.chunks]

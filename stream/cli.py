@@ -231,6 +231,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                            help="replay the example conversations, print a summary, exit")
             p.add_argument("--conversations", type=Path, default=EXAMPLES / "conversations.jsonl",
                            help="conversations to replay with --demo")
+            p.add_argument("--labels", type=Path, default=None,
+                           help="gold labels of those conversations: --demo scores its answers and runs the learning "
+                                "loop on them (default: examples/labels.jsonl with the example conversations)")
             p.add_argument("--questions", type=Path, help="questions file (default: examples/questions.yaml)")
             p.add_argument("--metrics-port", type=int, default=None, help="port for /metrics (default 9464; 0 = any)")
             p.add_argument("--broker-port", type=_port, default=None,

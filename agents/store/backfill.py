@@ -17,7 +17,7 @@ from agents.store.conversations import Key
 # classification of that revision answered. Only ids and versions leave the server, not the
 # answers' evidence text.
 _SCAN_SQL = """
-SELECT c.tenant_id, c.conversation_id, c.metadata,
+SELECT c.tenant_id, c.conversation_id, c.metadata, c.status,
        ARRAY(SELECT DISTINCT (a->>'question_id') || '@' || (a->>'question_version')
              FROM classifications k CROSS JOIN LATERAL jsonb_array_elements(k.answers) AS a
              WHERE k.tenant_id = c.tenant_id AND k.conversation_id = c.conversation_id
@@ -41,7 +41,8 @@ async def scan_unanswered(
     limit: int = 1000,
 ) -> tuple[list[Key], Key | None]:
     """One page of `limit` stored conversations in key order: those that one of `questions`
-    applies to and whose stored revision has no answer to that question's current version, and
+    applies to (and is asked at the revision's status: an open one answers only real-time
+    questions) and whose stored revision has no answer to that question's current version, and
     the last key scanned (pass it as `after` for the next page; None once the scan is over)."""
     rows = await pool.fetch(
         _SCAN_SQL, tenant_id, since, after[0] if after else None, after[1] if after else None, limit
@@ -49,7 +50,8 @@ async def scan_unanswered(
     todo = []
     for r in rows:
         metadata, answered = orjson.loads(r["metadata"]), set(r["answered"])
-        if any(q.applies(metadata) and f"{q.id}@{q.version}" not in answered for q in questions):
+        if any(q.applies(metadata) and q.asked_at(r["status"]) and f"{q.id}@{q.version}" not in answered
+               for q in questions):
             todo.append((r["tenant_id"], r["conversation_id"]))
     last = (rows[-1]["tenant_id"], rows[-1]["conversation_id"]) if len(rows) == limit else None
     return todo, last

@@ -6,7 +6,10 @@ on free ports or the ones given. Once the service runs, one parseable line names
 stdout carries only `export` lines that another shell can `source`.
 
 With --demo it replays the example conversations (plus two malformed events, to show the DLQ),
-shows progress, prints a summary table and exits 0 once every conversation revision is classified.
+shows progress, and once every conversation revision is classified prints a summary table (with
+precision and recall against the gold labels), runs the learning loop on them (lifecycle.py:
+import half the labels, train from the store, restart with the heads, backfill, score the other
+half before and after) and exits 0.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ import importlib.resources
 import logging
 import shlex
 import sys
+import tempfile
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +34,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from agents.store import create_pool
 from stream.app import Running, run_service
 from stream.config import Settings, load_settings
 from stream.dev.infra import EmbeddedStack
+from stream.dev.lifecycle import Key, Lifecycle, gold_labels, latest_answers, macro_f1, run_lifecycle, score
 from stream.dev.produce import load_conversations, produce_events
 from stream.kafka import make_producer
 
@@ -114,69 +122,124 @@ def run_demo(args: argparse.Namespace) -> int:
     console = Console()
     events = load_conversations(args.conversations)
     expected = {(e["tenant_id"], e["conversation_id"], e["revision"]) for e in events}
+    labels = getattr(args, "labels", None)
+    if labels is None and Path(args.conversations).resolve() == (EXAMPLES / "conversations.jsonl").resolve():
+        labels = EXAMPLES / "labels.jsonl"
     with console.status("starting Kafka broker and PostgreSQL..."):
         stack = _stack(args).start()
     try:
         settings = _embedded_settings(args, stack)
         logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return asyncio.run(_demo(settings, events, expected, console, args.timeout))
+        return asyncio.run(_demo(settings, events, expected, labels, console, args.timeout))
     finally:
         stack.stop()
 
 
-async def _demo(
-    settings: Settings, events: list[dict[str, Any]], expected: set[tuple[str, str, int]],
-    console: Console, timeout_s: float,
-) -> int:
+async def _start(settings: Settings) -> tuple[Running, asyncio.Task[None]]:
+    """The service in this event loop, once it runs (a start-up error is raised)."""
     running: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
     service_task = asyncio.create_task(
         run_service(settings, on_running=running.set_result, create_topics=True, install_signals=False)
     )
-    with console.status("loading models and joining the consumer group..."):
-        done, _ = await asyncio.wait({running, service_task}, return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait({running, service_task}, return_when=asyncio.FIRST_COMPLETED)
     if service_task in done:
-        service_task.result()  # raises the start-up error
-    r = running.result()
-    pool = await asyncpg.create_pool(settings.database_url.get_secret_value(), min_size=1, max_size=2)
-    try:
-        producer = make_producer(settings.kafka)
-        await producer.start()
-        try:
-            await produce_events(producer, settings.topics.input, [*events, *BAD_EVENTS])
-        finally:
-            await producer.stop()
+        service_task.result()
+    return running.result(), service_task
 
-        started = time.monotonic()
-        with Progress(
-            TextColumn("classifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-        ) as progress:
-            task = progress.add_task("classify", total=len(expected))
-            while True:
-                rows = await pool.fetch("SELECT tenant_id, conversation_id, revision FROM classifications")
-                got = {(x["tenant_id"], x["conversation_id"], x["revision"]) for x in rows} & expected
-                progress.update(task, completed=len(got))
-                if len(got) == len(expected) and _dlq_count(r) == len(BAD_EVENTS):
-                    break
-                if service_task.done():
-                    service_task.result()
-                    raise RuntimeError("the service stopped before classifying every conversation")
-                if time.monotonic() - started > timeout_s:
-                    console.print(f"[red]timed out: {len(got)} of {len(expected)} classified[/red]")
-                    return 1
-                await asyncio.sleep(0.25)
-        elapsed = time.monotonic() - started
-        rows = await pool.fetch("SELECT answers FROM classifications")
-        _print_summary(console, [orjson.loads(x["answers"]) for x in rows])
+
+async def _stop(r: Running, service_task: asyncio.Task[None]) -> None:
+    r.service.stop()
+    await asyncio.gather(service_task, return_exceptions=True)
+
+
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[Running]:
+    """The service while the block runs."""
+    r, service_task = await _start(settings)
+    try:
+        yield r
+    finally:
+        await _stop(r, service_task)
+
+
+async def _demo(
+    settings: Settings, events: list[dict[str, Any]], expected: set[tuple[str, str, int]], labels: Path | None,
+    console: Console, timeout_s: float,
+) -> int:
+    with console.status("loading models and joining the consumer group..."):
+        r, service_task = await _start(settings)
+    # After the start: the service has applied the migrations, vector type included.
+    pool = await create_pool(settings.database_url.get_secret_value(), max_size=2)
+    try:
+        try:
+            elapsed = await _classify(settings, r, service_task, pool, events, expected, console, timeout_s)
+            dlq = _dlq_count(r)
+        finally:
+            await _stop(r, service_task)
+        if elapsed is None:
+            return 1
+        rows = await pool.fetch("SELECT conversation_id, revision, answers FROM classifications")
+        rows = [{**x, "answers": orjson.loads(x["answers"])} for x in rows]
+        _print_summary(console, rows, gold_labels(labels) if labels else None)
         console.print(
             f"{len(expected)} conversation revisions classified in {elapsed:.1f} s; "
-            f"{_dlq_count(r)} malformed events sent to the DLQ topic {settings.topics.dlq!r}.\n"
-            f"Metrics: http://127.0.0.1:{r.http_port}/metrics (until exit)"
+            f"{dlq} malformed events sent to the DLQ topic {settings.topics.dlq!r}.\n"
+            f"Metrics were served on http://127.0.0.1:{r.http_port}/metrics"
         )
+        if labels is not None:
+            return await _lifecycle(settings, pool, labels, console, timeout_s)
         return 0
     finally:
         await pool.close()
-        r.service.stop()
-        await asyncio.gather(service_task, return_exceptions=True)
+
+
+async def _classify(
+    settings: Settings, r: Running, service_task: asyncio.Task[None], pool: asyncpg.Pool, events: list[dict[str, Any]],
+    expected: set[tuple[str, str, int]], console: Console, timeout_s: float,
+) -> float | None:
+    """Produce the events and wait until every revision is classified: seconds taken, None on timeout."""
+    producer = make_producer(settings.kafka)
+    await producer.start()
+    try:
+        await produce_events(producer, settings.topics.input, [*events, *BAD_EVENTS])
+    finally:
+        await producer.stop()
+    started = time.monotonic()
+    with Progress(
+        TextColumn("classifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        task = progress.add_task("classify", total=len(expected))
+        while True:
+            rows = await pool.fetch("SELECT tenant_id, conversation_id, revision FROM classifications")
+            got = {(x["tenant_id"], x["conversation_id"], x["revision"]) for x in rows} & expected
+            progress.update(task, completed=len(got))
+            if len(got) == len(expected) and _dlq_count(r) == len(BAD_EVENTS):
+                return time.monotonic() - started
+            if service_task.done():
+                service_task.result()
+                raise RuntimeError("the service stopped before classifying every conversation")
+            if time.monotonic() - started > timeout_s:
+                console.print(f"[red]timed out: {len(got)} of {len(expected)} classified[/red]")
+                return None
+            await asyncio.sleep(0.25)
+
+
+async def _lifecycle(settings: Settings, pool: asyncpg.Pool, labels: Path, console: Console, timeout_s: float) -> int:
+    console.print("\n[bold]The learning loop[/bold]: labels for half of the conversations, heads trained from "
+                  "the store, a backfill, and the other half scored before and after")
+    with tempfile.TemporaryDirectory(prefix="flexor-demo-") as workdir:
+        try:
+            result = await asyncio.wait_for(
+                run_lifecycle(settings, pool, labels, Path(workdir), serving,
+                              say=lambda line: console.print(line, markup=False, highlight=False)),
+                timeout_s,
+            )
+        except TimeoutError:
+            console.print(f"[red]the learning loop timed out after {timeout_s:.0f} s[/red]")
+            return 1
+    _print_before_after(console, result)
+    console.print(f"learning loop: {result.seconds:.1f} s")
+    return 0
 
 
 def _dlq_count(r: Running) -> int:
@@ -185,20 +248,51 @@ def _dlq_count(r: Running) -> int:
                    for x in ("not_json", "empty_turns")))
 
 
-def _print_summary(console: Console, answer_sets: list[list[dict[str, Any]]]) -> None:
+def _print_summary(
+    console: Console, rows: list[dict[str, Any]], gold: dict[Key, bool] | None
+) -> None:
+    """Yes/no counts over every revision, an evidence snippet, and (with gold labels) precision and
+    recall of the latest revisions' answers on the labelled pairs."""
     counts: dict[str, Counter[str]] = {}
     best: dict[str, tuple[float, str]] = {}
-    for answers in answer_sets:
-        for a in answers:
+    for row in rows:
+        for a in row["answers"]:
             counts.setdefault(a["question_id"], Counter())[a["answer"]] += 1
             if a["answer"] == "yes" and a["evidence"] and a["p_yes"] > best.get(a["question_id"], (-1.0, ""))[0]:
                 best[a["question_id"]] = (a["p_yes"], a["evidence"][0]["text"])
+    scores = score(latest_answers(rows), gold, sorted(counts)) if gold is not None else {}
     table = Table(title="Answers", show_lines=True)
     table.add_column("question")
     table.add_column("yes", justify="right")
     table.add_column("no", justify="right")
+    if scores:
+        table.add_column("precision", justify="right")
+        table.add_column("recall", justify="right")
     table.add_column("evidence (most confident yes)", overflow="fold")
     for qid, c in sorted(counts.items()):
         snippet = best.get(qid, (0.0, "-"))[1].replace("\n", " / ")
-        table.add_row(qid, str(c["yes"]), str(c["no"]), snippet[:160])
+        pr = [f"{scores[qid].precision:.2f}", f"{scores[qid].recall:.2f}"] if scores else []
+        table.add_row(qid, str(c["yes"]), str(c["no"]), *pr, snippet[:160])
+    console.print(table)
+    if scores:
+        n = max(s.pairs for s in scores.values())
+        console.print(f"precision and recall of yes against the labels file, on the latest revision of each of "
+                      f"{n} labelled conversations")
+
+
+def _print_before_after(console: Console, result: Lifecycle) -> None:
+    table = Table(title="Held-out half: zero-shot (before) and trained heads after the backfill (after)")
+    table.add_column("question")
+    table.add_column("path after")
+    table.add_column("pairs", justify="right")
+    for when in ("before", "after"):
+        for m in ("P", "R", "F1"):
+            table.add_column(f"{m} {when}", justify="right")
+    for qid, b in result.before.items():
+        a = result.after[qid]
+        path = "head" if qid in result.heads else "zero-shot"
+        table.add_row(qid, path, str(b.pairs), *(f"{x:.2f}" for x in (b.precision, b.recall, b.f1, a.precision,
+                                                                      a.recall, a.f1)))
+    table.add_row("macro", "", "", "", "", f"{macro_f1(result.before):.2f}", "", "", f"{macro_f1(result.after):.2f}",
+                  style="bold")
     console.print(table)
