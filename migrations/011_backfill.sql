@@ -1,6 +1,6 @@
 -- Backfill jobs (`flexor backfill`, stream/backfill.py): one row per job, written by the command
 -- as it enqueues work items on the backfill topic; one row per work item that a replica has
--- finished. Progress is the share of a job's items present here: upserted by item, so an item
+-- finished, or dead-lettered after it raised twice (`failed`; a replay that succeeds clears it). Progress is the share of a job's items present here: upserted by item, so an item
 -- redelivered after a crash counts once.
 CREATE TABLE backfill_jobs (
     job_id        text        PRIMARY KEY,
@@ -19,6 +19,7 @@ CREATE TABLE backfill_items (
     conversations integer     NOT NULL,
     published     integer     NOT NULL,  -- classification events produced
     skipped       integer     NOT NULL,  -- answered already, replaced by a newer revision, or refused
+    failed        boolean     NOT NULL DEFAULT false,  -- raised twice: in the DLQ (processing_error)
     done_at       timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (job_id, item)
 );

@@ -216,6 +216,7 @@ class BackfillWorker:
                             [(Fetched(record, time.monotonic()),
                               InvalidEvent(Reason.PROCESSING_ERROR, msg, type(e).__name__))]
                         )
+                        await self.jobs.item_failed(item.job_id, item.item)
                         self.metrics.backfill_items.labels("failed").inc()
                         return
                     failed_once = True

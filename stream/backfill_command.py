@@ -96,6 +96,11 @@ async def _run(
         final = await follow(jobs, job_id, settings.topics.backfill)
         print(f"backfill {job_id} done: {final.conversations_done} conversations, {final.published} events "
               f"published, {final.skipped} skipped (answered already, newer revision, or not usable)")
+        if final.failed_items:
+            print(f"backfill {job_id}: {final.failed_items} work items raised twice and went to the DLQ "
+                  "(flexor dlq summary; flexor dlq replay --reason processing_error once the cause is fixed)",
+                  file=sys.stderr)
+            return 1
         return 0
     finally:
         await pool.close()

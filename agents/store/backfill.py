@@ -81,6 +81,7 @@ class JobProgress:
     conversations_done: int
     published: int
     skipped: int
+    failed_items: int  # dead-lettered (processing_error); counted in items_done
 
     @property
     def done(self) -> bool:
@@ -115,20 +116,33 @@ class BackfillJobs:
             INSERT INTO backfill_items (job_id, item, conversations, published, skipped) VALUES ($1, $2, $3, $4, $5)
             ON CONFLICT (job_id, item) DO UPDATE
             SET conversations = EXCLUDED.conversations, published = EXCLUDED.published,
-                skipped = EXCLUDED.skipped, done_at = now()
+                skipped = EXCLUDED.skipped, failed = false, done_at = now()
             """,
             job_id, item, conversations, published, skipped,
+        )
+
+    async def item_failed(self, job_id: str, item: int) -> None:
+        """Record an item that went to the DLQ, so that the job can finish and say so; a replay of
+        the item that succeeds overwrites the row (`item_done`)."""
+        await self._pool.execute(
+            """
+            INSERT INTO backfill_items (job_id, item, conversations, published, skipped, failed)
+            VALUES ($1, $2, 0, 0, 0, true)
+            ON CONFLICT (job_id, item) DO NOTHING
+            """,
+            job_id, item,
         )
 
     async def progress(self, job_id: str) -> JobProgress | None:
         row = await self._pool.fetchrow(
             """
             SELECT j.*, coalesce(d.items, 0) AS items_done, coalesce(d.conversations, 0) AS conversations_done,
-                   coalesce(d.published, 0) AS published, coalesce(d.skipped, 0) AS skipped
+                   coalesce(d.published, 0) AS published, coalesce(d.skipped, 0) AS skipped,
+                   coalesce(d.failed, 0) AS failed_items
             FROM backfill_jobs j
             LEFT JOIN LATERAL (
                 SELECT count(*) AS items, sum(conversations) AS conversations, sum(published) AS published,
-                       sum(skipped) AS skipped
+                       sum(skipped) AS skipped, count(*) FILTER (WHERE failed) AS failed
                 FROM backfill_items i WHERE i.job_id = j.job_id
             ) d ON true
             WHERE j.job_id = $1
@@ -140,5 +154,5 @@ class BackfillJobs:
         return JobProgress(
             row["job_id"], row["question_set"], tuple(row["questions"]), row["items"], row["conversations"],
             row["enqueued_at"] is not None, row["items_done"], int(row["conversations_done"]),
-            int(row["published"]), int(row["skipped"]),
+            int(row["published"]), int(row["skipped"]), int(row["failed_items"]),
         )
