@@ -3,8 +3,9 @@ on the whole corpus.
 
 1. Stream: the service (embedded broker + Postgres) classifies the conversations with every
    question but the last; conversations/s from the first produce to the last output event.
-   It runs twice: first without the HNSW index of corpus search (that run also warms up), then,
-   on new revisions, with it, as the service runs in production; the second run is the one
+   It runs twice, with the embedding reuse cache off so that both passes embed every chunk:
+   first without the HNSW index of corpus search (that run also warms up), then, on new
+   revisions, with it, as the service runs in production; the second run is the one
    backfill is compared with, and the pair is the index's cost on the live path.
 2. Backfill: the last question is added to the questions file and `flexor backfill`'s enqueue
    runs for it; conversations/s from the start of the scan until the job is done (rate limit off:
@@ -61,7 +62,9 @@ def run_backfill_bench(args: argparse.Namespace) -> int:
     gold = _gold(args.answers) if args.answers else None
     with tempfile.TemporaryDirectory(prefix="flexor-bench-") as tmp, EmbeddedStack() as stack:
         qfile = Path(tmp) / "questions.yaml"
-        extra: dict[str, Any] = {"backfill.max_rate": 0}
+        # Reuse cache off: the streaming phase runs the same conversations twice (without, then
+        # with the HNSW index), and a warm cache would make the second pass embed nothing.
+        extra: dict[str, Any] = {"backfill.max_rate": 0, "models.embedding_cache_mb": 0}
         if args.heads:
             extra["models.heads_dir"] = args.heads
         settings = embedded_settings(stack, "bench", qfile, **extra)
@@ -197,7 +200,7 @@ async def _service_phases(
         },
         "questions": {"before": before.version, "after": after.version, "count": len(qset.questions)},
         "settings": {"max_events": settings.batch.max_events, "embedder": settings.models.embedder,
-                     "heads": str(settings.models.heads_dir) if settings.models.heads_dir else "none",
+                     "heads": settings.models.heads_dir.name if settings.models.heads_dir else "none",
                      "item_size": settings.backfill.item_size, "partitions": t.partitions},
     }
 
