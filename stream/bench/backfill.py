@@ -143,10 +143,15 @@ async def _service_phases(
     try:
         # 1. Streaming, with every question but the held-out one: without the HNSW index, then with it.
         await pool.execute("DROP INDEX chunks_embedding_hnsw")
+        def texts_embedded() -> int:
+            return int(running.metrics.registry.get_sample_value("flexor_texts_embedded_total") or 0)
+
         without_index_rate, _, _ = await _stream(producer, watcher, t.input, events, 0)
+        texts_first = texts_embedded()
         async with pool.acquire() as c, c.transaction():
             await c.execute((MIGRATIONS_DIR / "005_chunks_hnsw.sql").read_text())
         stream_rate, stream_s, keys = await _stream(producer, watcher, t.input, events, 10)
+        stream_texts = texts_embedded() - texts_first
 
         # 2. Backfill of the held-out question, rate limit off.
         after = _write(qfile, qset.questions)
@@ -186,6 +191,8 @@ async def _service_phases(
             "stream_conversations": len(keys),
             "stream_seconds": stream_s,
             "stream_conversations_per_s_without_hnsw_index": without_index_rate,
+            "stream_texts_embedded": stream_texts,
+            "stream_texts_embedded_without_hnsw_index": texts_first,
             **({"f1_vs_gold": f1} if f1 is not None else {}),
         },
         "live": {
