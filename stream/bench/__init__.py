@@ -195,14 +195,15 @@ def models_described(args: argparse.Namespace) -> dict[str, Any]:
     return {"heads": Path(args.heads).name if args.heads else "none", "llm": args.llm or "none"}
 
 
-async def fresh_database(url: str, name: str) -> str:
-    """A new database on the server at `url`, for one benchmark run; its URL."""
+async def fresh_database(url: str, name: str, template: str | None = None) -> str:
+    """A new database on the server at `url` (a copy of `template` if given), for one benchmark
+    run; its URL."""
     import asyncpg
 
     db = f"{name.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute(f'CREATE DATABASE "{db}"')
+        await conn.execute(f'CREATE DATABASE "{db}"' + (f' TEMPLATE "{template}"' if template else ""))
     finally:
         await conn.close()
     return url.rsplit("/", 1)[0] + "/" + db

@@ -31,12 +31,9 @@ import logging
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import asyncpg
 
 from agents.learn.datasets import LabelledSet, read_labelled
 from agents.learn.select import STRATEGIES
@@ -44,7 +41,7 @@ from agents.learn.teacher import GOLD_PREFIX, Teacher, load_teacher
 from agents.questions import QuestionSet
 from agents.types import EmbeddedConversation
 from models.embedder import Embedder
-from stream.bench import machine, write_json
+from stream.bench import fresh_database, machine, write_json
 
 log = logging.getLogger(__name__)
 
@@ -79,24 +76,6 @@ async def _store_pool(url: str, embedded: Sequence[EmbeddedConversation], embedd
             await store.upsert(embedded[start : start + STORE_BATCH], embedder_id)
     finally:
         await pool.close()
-
-
-async def _copy_database(admin_url: str, template: str, name: str) -> str:
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    finally:
-        await conn.close()
-    return admin_url.rsplit("/", 1)[0] + "/" + name
-
-
-async def _create_database(admin_url: str, name: str) -> str:
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return admin_url.rsplit("/", 1)[0] + "/" + name
 
 
 async def _load_pool(url: str, embedder_id: str) -> list[EmbeddedConversation]:
@@ -282,15 +261,15 @@ def learn(
         pg = EmbeddedPostgres(work)
         pg.start()
         try:
-            base = f"learn_{uuid.uuid4().hex[:8]}"
-            url = asyncio.run(_create_database(pg.url, base))
+            url = asyncio.run(fresh_database(pg.url, "learn"))
+            base = url.rsplit("/", 1)[1]
             asyncio.run(_store_pool(url, pool_set.embedded, embedder.model_id))
             loaded = asyncio.run(_load_pool(url, embedder.model_id))
             results: dict[str, Any] = {}
             costs: dict[str, Any] = {}
             for strategy in strategies:
                 teacher = load_teacher(spec)
-                db = asyncio.run(_copy_database(pg.url, base, f"{base}_{strategy}"))
+                db = asyncio.run(fresh_database(pg.url, f"{base}_{strategy}", template=base))
                 results[strategy] = asyncio.run(run_strategy(
                     strategy, db, loaded, questions, teacher, rounds, eval_set, embedder, work, seed, gold))
                 c = teacher.cost()

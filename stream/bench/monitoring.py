@@ -14,14 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 from agents.learn.labelled import source_names
-from stream.bench import embedded_settings, machine, write_json
+from stream.bench import embedded_settings, fresh_database, machine, write_json
 from stream.bench.e2e import measure_service
 from stream.dev.produce import load_conversations
 
@@ -53,16 +50,6 @@ def run_monitoring(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _fresh_database(admin_url: str) -> str:
-    name = f"bench_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return admin_url.rsplit("/", 1)[0] + "/" + name
-
-
 def _sum(registry: Any, family: str, **labels: str) -> float:
     return sum(s.value for m in registry.collect() if m.name == family for s in m.samples
                if s.name == f"{family}_total" and all(s.labels.get(k) == v for k, v in labels.items()))
@@ -87,7 +74,7 @@ async def _compare(stack: Any, args: argparse.Namespace, events: list[dict[str, 
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in plan}
     latency_rate = None
     for name in order:
-        db = await _fresh_database(stack.postgres.url)
+        db = await fresh_database(stack.postgres.url, "bench")
         settings = embedded_settings(stack, "mon", args.questions, database_url=db, **{**common, **plan[name]})
         measured, registry = await measure_service(settings, events, latency_rate)
         latency_rate = latency_rate or measured["latency_rate"]  # the same produce rate for every run
