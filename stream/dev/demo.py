@@ -30,6 +30,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -281,13 +282,15 @@ def _print_summary(
 
 
 def _print_before_after(console: Console, result: Lifecycle) -> None:
-    table = Table(title="Held-out half: zero-shot (before) and trained heads after the backfill (after)")
-    table.add_column("question")
-    table.add_column("path after")
+    # Short headers and a light box keep the question ids whole in 80 columns.
+    table = Table(title="Held-out half: P, R, F1 before (zero-shot), then after (trained heads, backfilled)",
+                  box=box.SIMPLE_HEAD)
+    table.add_column("question", no_wrap=True)
+    table.add_column("path")
     table.add_column("pairs", justify="right")
-    for when in ("before", "after"):
+    for _ in ("before", "after"):
         for m in ("P", "R", "F1"):
-            table.add_column(f"{m} {when}", justify="right")
+            table.add_column(m, justify="right")
     for qid, b in result.before.items():
         a = result.after[qid]
         path = "head" if qid in result.heads else "zero-shot"
