@@ -34,7 +34,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from agents.pipeline import Pipeline
 from agents.questions import Question, QuestionRegistry, QuestionSet
@@ -49,7 +49,15 @@ from stream.headers import classification_headers
 from stream.intake import BACKOFF_MAX_S, BACKOFF_START_S, Fetched
 from stream.kafka import make_consumer, make_producer
 from stream.metrics import Metrics
-from stream.schemas import InvalidEvent, Reason, build_classification, classification_event_id, encode
+from stream.schemas import (
+    InvalidEvent,
+    Reason,
+    build_classification,
+    classification_event_id,
+    encode,
+    parse_envelope,
+    validate_fields,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +85,7 @@ def encode_item(job_id: str, item: int, question_set: str, keys: Sequence[Key]) 
 
 
 def decode_item(raw: bytes | None) -> WorkItem:
-    try:
-        data = orjson.loads(raw or b"")
-    except orjson.JSONDecodeError as e:
-        raise InvalidEvent(Reason.NOT_JSON, f"not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise InvalidEvent(Reason.NOT_OBJECT, f"work item is a JSON {type(data).__name__}, not an object")
-    if data.get("schema") != ITEM_SCHEMA:
-        raise InvalidEvent(Reason.UNKNOWN_SCHEMA, f"schema is {data.get('schema')!r}, expected {ITEM_SCHEMA!r}")
-    try:
-        return WorkItem.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise InvalidEvent(Reason.INVALID_FIELDS, f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return validate_fields(WorkItem, parse_envelope(raw, ITEM_SCHEMA))
 
 
 class Pacer:

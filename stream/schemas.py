@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -79,13 +79,16 @@ class ConversationV1(BaseModel):
         )
 
 
-def decode_conversation(raw: bytes | None, limits: LimitsConfig) -> ConversationV1:
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_envelope(raw: bytes | None, schema: str, max_bytes: int | None = None) -> dict[str, Any]:
+    """What every topic the service consumes asks of a record first: a value, within `max_bytes`,
+    JSON without NUL characters, an object, with `schema`. InvalidEvent with the reason otherwise."""
     if raw is None:
         raise InvalidEvent(Reason.NOT_JSON, "event has no value (tombstone)")
-    if len(raw) > limits.max_event_bytes:
-        raise InvalidEvent(
-            Reason.TOO_LARGE, f"event is {len(raw)} bytes, limit is {limits.max_event_bytes}"
-        )
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise InvalidEvent(Reason.TOO_LARGE, f"event is {len(raw)} bytes, limit is {max_bytes}")
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
@@ -95,10 +98,23 @@ def decode_conversation(raw: bytes | None, limits: LimitsConfig) -> Conversation
         raise InvalidEvent(Reason.INVALID_FIELDS, "NUL characters (\\u0000) are not supported")
     if not isinstance(data, dict):
         raise InvalidEvent(Reason.NOT_OBJECT, f"event is a JSON {type(data).__name__}, not an object")
-    if data.get("schema") != INPUT_SCHEMA:
-        raise InvalidEvent(
-            Reason.UNKNOWN_SCHEMA, f"schema is {data.get('schema')!r}, expected {INPUT_SCHEMA!r}"
-        )
+    if data.get("schema") != schema:
+        raise InvalidEvent(Reason.UNKNOWN_SCHEMA, f"schema is {data.get('schema')!r}, expected {schema!r}")
+    return data
+
+
+def validate_fields(model: type[M], data: dict[str, Any]) -> M:
+    """`model` from a parsed envelope; InvalidEvent(invalid_fields) naming the first bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidEvent(Reason.INVALID_FIELDS, f"{where}: {first['msg']}") from None
+
+
+def decode_conversation(raw: bytes | None, limits: LimitsConfig) -> ConversationV1:
+    data = parse_envelope(raw, INPUT_SCHEMA, limits.max_event_bytes)
     turns = data.get("turns")
     if isinstance(turns, list):
         if not turns:
@@ -107,12 +123,7 @@ def decode_conversation(raw: bytes | None, limits: LimitsConfig) -> Conversation
             raise InvalidEvent(
                 Reason.TOO_MANY_TURNS, f"{len(turns)} turns, limit is {limits.max_turns}"
             )
-    try:
-        event = ConversationV1.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise InvalidEvent(Reason.INVALID_FIELDS, f"{where}: {first['msg']}") from None
+    event = validate_fields(ConversationV1, data)
     for t in event.turns:
         if len(t.text) > limits.max_chars_per_turn:
             raise InvalidEvent(
@@ -157,26 +168,7 @@ class FeedbackV1(BaseModel):
 
 def decode_feedback(raw: bytes | None, limits: LimitsConfig) -> FeedbackV1:
     """feedback.v1 bytes -> FeedbackV1; InvalidEvent with the reason otherwise."""
-    if raw is None:
-        raise InvalidEvent(Reason.NOT_JSON, "event has no value (tombstone)")
-    if len(raw) > limits.max_event_bytes:
-        raise InvalidEvent(Reason.TOO_LARGE, f"event is {len(raw)} bytes, limit is {limits.max_event_bytes}")
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise InvalidEvent(Reason.NOT_JSON, f"not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise InvalidEvent(Reason.NOT_OBJECT, f"event is a JSON {type(data).__name__}, not an object")
-    if data.get("schema") != FEEDBACK_SCHEMA:
-        raise InvalidEvent(Reason.UNKNOWN_SCHEMA, f"schema is {data.get('schema')!r}, expected {FEEDBACK_SCHEMA!r}")
-    if b"\\u0000" in raw:  # Postgres text cannot hold NUL
-        raise InvalidEvent(Reason.INVALID_FIELDS, "NUL characters (\\u0000) are not supported")
-    try:
-        return FeedbackV1.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise InvalidEvent(Reason.INVALID_FIELDS, f"{where}: {first['msg']}") from None
+    return validate_fields(FeedbackV1, parse_envelope(raw, FEEDBACK_SCHEMA, limits.max_event_bytes))
 
 
 def classification_event_id(
