@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agents.pipeline import Pipeline
 from agents.questions import Question, QuestionRegistry, QuestionSet
-from agents.store.backfill import BackfillJobs, stored_revisions
+from agents.store.backfill import BackfillJobs
 from agents.store.classifications import ClassificationsTable
 from agents.store.conversations import ConversationsTable, Key, StoreMismatch
 from agents.types import EmbeddedConversation
@@ -136,7 +136,6 @@ class BackfillWorker:
         self.results = ClassificationsTable(pool)
         self.jobs = BackfillJobs(pool)
         self.pacer = Pacer(settings.backfill.max_rate)
-        self._pool = pool
         self._stopping = asyncio.Event()
         self._warned_jobs: set[str] = set()
         self.consumer: AIOKafkaConsumer | None = None
@@ -330,7 +329,7 @@ class BackfillWorker:
         the live path answers that one."""
         if not events:
             return []
-        stored = await stored_revisions(self._pool, [(ev["tenant_id"], ev["conversation_id"]) for ev in events])
+        stored = await self.stored.current([(ev["tenant_id"], ev["conversation_id"]) for ev in events])
         current = [ev for ev in events if stored.get((ev["tenant_id"], ev["conversation_id"])) == ev["revision"]]
         self.metrics.backfill.labels("stale").inc(len(events) - len(current))
         return current

@@ -57,18 +57,6 @@ async def scan_unanswered(
     return todo, last
 
 
-async def stored_revisions(pool: asyncpg.Pool, keys: Sequence[Key]) -> dict[Key, int]:
-    """The revision stored now for each key that is stored."""
-    rows = await pool.fetch(
-        """
-        SELECT c.tenant_id, c.conversation_id, c.revision FROM conversations c
-        JOIN unnest($1::text[], $2::text[]) AS k(t, i) ON c.tenant_id = k.t AND c.conversation_id = k.i
-        """,
-        [k[0] for k in keys], [k[1] for k in keys],
-    )
-    return {(r["tenant_id"], r["conversation_id"]): r["revision"] for r in rows}
-
-
 @dataclass(frozen=True, slots=True)
 class JobProgress:
     job_id: str

@@ -116,6 +116,17 @@ class ConversationsTable:
             out.setdefault(r["conversation_id"], []).append((r["tenant_id"], r["revision"]))
         return out
 
+    async def current(self, keys: Sequence[Key]) -> dict[Key, int]:
+        """The revision stored now for each key that is stored."""
+        rows = await self._pool.fetch(
+            """
+            SELECT c.tenant_id, c.conversation_id, c.revision FROM conversations c
+            JOIN unnest($1::text[], $2::text[]) AS k(t, i) ON c.tenant_id = k.t AND c.conversation_id = k.i
+            """,
+            [k[0] for k in keys], [k[1] for k in keys],
+        )
+        return {(r["tenant_id"], r["conversation_id"]): r["revision"] for r in rows}
+
     async def scan(
         self, *, tenant_id: str | None = None, after: Key | None = None, limit: int = 1000
     ) -> list[Conversation]:

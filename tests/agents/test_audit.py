@@ -12,9 +12,7 @@ import pytest
 from agents.audit import Auditor, audit_fraction, audit_view, sampled
 from agents.llm_stage import LLMCascadeStage
 from agents.questions import Question, QuestionSet
-from agents.store import create_pool
 from agents.store.labels import LabelsTable
-from agents.store.migrate import migrate
 from agents.types import Answer, Conversation, Evidence
 from models.llm.hf import HFEngine
 from models.llm.tiny import ensure_tiny_model
@@ -118,13 +116,7 @@ async def test_audit_failures_are_not_published_fallbacks(engine: HFEngine) -> N
     await stage.aclose()
 
 
-async def test_labels_are_stored_in_the_labels_table(engine: HFEngine, database: str) -> None:
-    conn = await asyncpg.connect(database)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    pool = await create_pool(database, max_size=2)
+async def test_labels_are_stored_in_the_labels_table(engine: HFEngine, pool: asyncpg.Pool) -> None:
     stage = LLMCascadeStage(engine)
     try:
         table = LabelsTable(pool)
@@ -138,4 +130,3 @@ async def test_labels_are_stored_in_the_labels_table(engine: HFEngine, database:
         assert await table.count_by_source() == {("refund", "teacher:hf-tiny"): 2, ("angry", "teacher:hf-tiny"): 2}
     finally:
         await stage.aclose()
-        await pool.close()

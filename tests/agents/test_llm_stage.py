@@ -17,7 +17,6 @@ from agents.cascade import Cascade, Stage1Result
 from agents.llm_stage import CACHE, FALLBACK, LLM, LLMCascadeStage
 from agents.questions import Question
 from agents.result_cache import ResultCache, cache_key
-from agents.store.migrate import migrate
 from agents.types import Evidence
 from models.llm.engine import EngineError
 from models.llm.hf import HFEngine
@@ -244,43 +243,29 @@ async def test_timeout_falls_back_within_the_bound(engine: HFEngine, caplog: pyt
     await llm.aclose()
 
 
-async def _pool(url: str) -> asyncpg.Pool:
-    conn = await asyncpg.connect(url)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    return await asyncpg.create_pool(url, min_size=1, max_size=2)
+async def test_postgres_cache_is_shared_between_two_stages(engine: HFEngine, pool: asyncpg.Pool) -> None:
+    c1, c2 = Counters(), Counters()
+    a = stage(engine, c1, cache=ResultCache(pool=pool))
+    b = stage(engine, c2, cache=ResultCache(pool=pool))  # another replica: its own empty LRU
+    items = [(question(), evidence(t)) for t in TEXTS]
+    p1, who1 = await a.p_yes(items)
+    assert who1 == [LLM] * 4
+    assert await pool.fetchval("SELECT count(*) FROM llm_results") == 4
+    before = engine.stats.snapshot()
+    p2, who2 = await b.p_yes(items)
+    assert (engine.stats.snapshot() - before).calls == 0
+    assert who2 == [CACHE] * 4 and c2.cache == {"hit": 4, "miss": 0}
+    np.testing.assert_allclose(p1, p2)
+    row = await pool.fetchrow(
+        "SELECT question_id, question_version, model_id, template_id FROM llm_results LIMIT 1"
+    )
+    assert dict(row) == {"question_id": "annoyed", "question_version": 1, "model_id": "hf-tiny",
+                         "template_id": "yes_no.v1"}
+    await a.aclose()
+    await b.aclose()
 
 
-async def test_postgres_cache_is_shared_between_two_stages(engine: HFEngine, database: str) -> None:
-    pool = await _pool(database)
-    try:
-        c1, c2 = Counters(), Counters()
-        a = stage(engine, c1, cache=ResultCache(pool=pool))
-        b = stage(engine, c2, cache=ResultCache(pool=pool))  # another replica: its own empty LRU
-        items = [(question(), evidence(t)) for t in TEXTS]
-        p1, who1 = await a.p_yes(items)
-        assert who1 == [LLM] * 4
-        assert await pool.fetchval("SELECT count(*) FROM llm_results") == 4
-        before = engine.stats.snapshot()
-        p2, who2 = await b.p_yes(items)
-        assert (engine.stats.snapshot() - before).calls == 0
-        assert who2 == [CACHE] * 4 and c2.cache == {"hit": 4, "miss": 0}
-        np.testing.assert_allclose(p1, p2)
-        row = await pool.fetchrow(
-            "SELECT question_id, question_version, model_id, template_id FROM llm_results LIMIT 1"
-        )
-        assert dict(row) == {"question_id": "annoyed", "question_version": 1, "model_id": "hf-tiny",
-                             "template_id": "yes_no.v1"}
-        await a.aclose()
-        await b.aclose()
-    finally:
-        await pool.close()
-
-
-async def test_postgres_failure_is_a_miss_not_a_failed_batch(engine: HFEngine, database: str) -> None:
-    pool = await _pool(database)
+async def test_postgres_failure_is_a_miss_not_a_failed_batch(engine: HFEngine, pool: asyncpg.Pool) -> None:
     await pool.close()  # every acquire now fails
     cache = ResultCache(pool=pool)
     llm = stage(engine, cache=cache)
