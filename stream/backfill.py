@@ -227,7 +227,7 @@ class BackfillWorker:
     ) -> tuple[int, int]:
         """Answer one item; returns (events published, conversations skipped)."""
         started = time.monotonic()
-        self.questions.maybe_reload()
+        await asyncio.to_thread(self.questions.maybe_reload)  # file checks off the event loop
         qset = self.questions.current
         if item.question_set != qset.version and item.job_id not in self._warned_jobs:
             self._warned_jobs.add(item.job_id)

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -23,24 +23,23 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from agents.store.labels import HUMAN, Label, LabelsTable
 from stream.config import Settings
 from stream.dlq import DeadLetters, Invalid
+from stream.errors import ErrorKind, FatalError, classify, describe
 from stream.intake import BACKOFF_MAX_S, BACKOFF_START_S, Fetched
 from stream.kafka import make_consumer, make_producer
 from stream.metrics import Metrics
-from stream.schemas import InvalidEvent, decode_feedback
+from stream.poison import PoisonBudget, isolate
+from stream.schemas import InvalidEvent, Reason, decode_feedback
 
 log = logging.getLogger(__name__)
-
-RETRIABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-             asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError, asyncpg.OperatorInterventionError,
-             KafkaError)
-
 
 def feedback_group(settings: Settings) -> str:
     return f"{settings.group_id}.feedback"
 
 
-def decode_batch(records: Sequence[ConsumerRecord], settings: Settings) -> tuple[list[Label], Invalid]:  # type: ignore[type-arg]
-    labels: list[Label] = []
+def decode_batch(
+    records: Sequence[ConsumerRecord], settings: Settings  # type: ignore[type-arg]
+) -> tuple[list[tuple[Fetched, Label]], Invalid]:
+    labels: list[tuple[Fetched, Label]] = []
     invalid: Invalid = []
     now = time.monotonic()
     for r in records:
@@ -49,8 +48,8 @@ def decode_batch(records: Sequence[ConsumerRecord], settings: Settings) -> tuple
         except InvalidEvent as e:
             invalid.append((Fetched(r, now), e))
             continue
-        labels.append(Label(fb.tenant_id, fb.conversation_id, fb.revision, fb.question_id, fb.question_version,
-                            fb.answer, HUMAN, fb.reviewer))
+        labels.append((Fetched(r, now), Label(fb.tenant_id, fb.conversation_id, fb.revision, fb.question_id,
+                                              fb.question_version, fb.answer, HUMAN, fb.reviewer)))
     return labels, invalid
 
 
@@ -59,6 +58,7 @@ class FeedbackConsumer:
         self.settings = settings
         self.labels = LabelsTable(pool)
         self.metrics = metrics
+        self.poison = PoisonBudget(settings.batch.max_poison_ratio, settings.batch.poison_window)
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
@@ -95,24 +95,47 @@ class FeedbackConsumer:
             await producer.stop()
 
     async def _handle_with_retry(self, records: list[ConsumerRecord], dead_letters: DeadLetters) -> bool:  # type: ignore[type-arg]
+        """Store the batch's labels and dead-letter its bad records. Retriable errors back off and
+        retry, fatal ones stop the service; a label whose storing raises goes to the DLQ as
+        `processing_error` (`stream.poison`), under the same budget as the live path."""
         labels, invalid = decode_batch(records, self.settings)
         backoff = BACKOFF_START_S
         while True:
             try:
                 if invalid:
                     await dead_letters.send_all([(f, e) for f, e in invalid if not f.dlq_sent])
-                if labels:
-                    await self.labels.upsert(labels)
+                found = await isolate(len(labels), self._store(labels), self.poison)
                 break
-            except RETRIABLE as e:
+            except FatalError:
+                raise
+            except Exception as e:
+                kind = classify(e)
+                if kind is ErrorKind.FATAL:
+                    raise FatalError(f"feedback: {describe(e)}") from e
+                if kind is not ErrorKind.RETRIABLE:
+                    raise
                 if self._stopping.is_set():
                     return False
-                log.warning("feedback batch failed (%s: %s); retrying in %.1f s", type(e).__name__, e, backoff)
+                log.warning("feedback batch failed (%s); retrying in %.1f s", describe(e), backoff)
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
-        self.metrics.feedback.labels("stored").inc(len(labels))
-        self.metrics.feedback.labels("dlq").inc(len(invalid))
+        self.poison.record(ok=len(labels) - len(found.errors), failed=len(found.errors))
+        poisoned: Invalid = []
+        for i, e in sorted(found.errors.items()):
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            poisoned.append((labels[i][0], InvalidEvent(Reason.PROCESSING_ERROR, msg, type(e).__name__)))
+        if poisoned:
+            await dead_letters.send_all(poisoned)
+        self.metrics.feedback.labels("stored").inc(len(labels) - len(poisoned))
+        self.metrics.feedback.labels("dlq").inc(len(invalid) + len(poisoned))
         return True
+
+    def _store(self, labels: list[tuple[Fetched, Label]]) -> Callable[[Sequence[int]], Awaitable[list[None]]]:
+        async def run(idx: Sequence[int]) -> list[None]:
+            await self.labels.upsert([labels[i][1] for i in idx])
+            return [None] * len(idx)
+
+        return run
 
     async def _commit(self, consumer, offsets: dict[TopicPartition, int]) -> None:  # type: ignore[no-untyped-def]
         try:

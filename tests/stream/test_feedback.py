@@ -5,6 +5,7 @@ group commits what it stored."""
 from __future__ import annotations
 
 import asyncpg
+import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
@@ -102,3 +103,32 @@ def produce_bytes(event: object) -> bytes:
     import orjson
 
     return event if isinstance(event, bytes) else orjson.dumps(event)
+
+
+async def test_a_label_whose_storing_raises_goes_to_the_dlq_and_the_rest_are_stored(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = LabelsTable.upsert
+
+    async def planted(self: LabelsTable, labels: list[Label]) -> int:
+        if any(lab.given_by == "poison@qa" for lab in labels):
+            raise ValueError("planted failure")
+        return await real(self, labels)
+
+    monkeypatch.setattr(LabelsTable, "upsert", planted)
+    records = [feedback(conversation_id=f"c-{i}", reviewer="poison@qa" if i == 2 else "ana@qa") for i in range(5)]
+    async with running_service(settings) as running:
+        await produce(settings, records, topic=settings.topics.feedback)
+        registry = running.metrics.registry
+
+        async def all_seen() -> bool:
+            return metric(registry, "flexor_feedback_total", {"result": "stored"}) == 4 \
+                and metric(registry, "flexor_feedback_total", {"result": "dlq"}) == 1
+
+        await wait_until(all_seen, 60, "four labels stored, the planted one dead-lettered")
+    assert sorted(lab.conversation_id for lab in await labels(settings)) == ["c-0", "c-1", "c-3", "c-4"]
+    (dead,) = await read_topic(settings, settings.topics.dlq)
+    h = dict(dead.headers)
+    assert (h["error.reason"], h["error.type"], h["error.message"]) == (b"processing_error", b"ValueError",
+                                                                        b"planted failure")
+    assert dead.value == produce_bytes(records[2])
