@@ -4,7 +4,8 @@ A head sees only what the pipeline already computed: the chunks (speakers, turn 
 and their L2-normalised embeddings. FEATURE_VERSION names the exact recipe; a head trained
 on one version refuses to score with another.
 
-Recipe ``f3`` (one row per conversation):
+Recipe ``f4`` (one row per conversation) is ``f3``'s on one chunk per turn (``f3``'s chunks were
+3-turn windows: a head of either version would read the other's vectors wrongly, so it refuses):
 - pooled chunk embeddings: mean and max over the conversation's chunks. (``f2`` also had the
   opening chunk, the closing chunk and the last quarter's mean: better in-domain, but on the
   evaluation split's multi-service conversations it missed intents that come second, e.g.
@@ -28,7 +29,7 @@ from agents.stacked import StackedChunks, rowwise
 from agents.types import EmbeddedConversation
 from models.embedder import Embedder
 
-FEATURE_VERSION = "f3"
+FEATURE_VERSION = "f4"
 
 # Generic phrasings of dialogue acts, written once for all questions (speaker prefixes match
 # the chunk text format "speaker: text"; user/assistant/system names differ per source, so

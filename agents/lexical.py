@@ -1,6 +1,6 @@
 """Lexical features for the heads: TF-IDF word uni- and bigrams, one vocabulary per side.
 
-Embeddings of 3-turn chunks blur the words that decide many questions ("other options",
+Sentence embeddings of 3-turn chunks (feature version f3) blurred the words that decide many questions ("other options",
 "unable to", "actually, instead", "balance"): on the evaluation split a linear model on these
 features alone beat one on the pooled embedding features on 7 of 13 questions and tied on 3
 (behaviour macro-F1 0.75 vs 0.66). The customer's words and the agent's words are vectorised separately, because "I'm

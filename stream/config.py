@@ -122,7 +122,7 @@ class ModelsConfig(BaseModel):
     heads_dir: Path | None = None
     # LLM engine spec for the uncertain band (hf-tiny, hf:PATH, openai:URL, trtllm:PATH); None = off.
     llm: str | None = None
-    # Chunk vectors kept for reuse (later revisions, repeated windows); 0 = embed every chunk again.
+    # Chunk vectors kept for reuse (later revisions, repeated turns); 0 = embed every chunk again.
     embedding_cache_mb: int = Field(default=64, ge=0)
     # Where the torch-based models run (the `torch` embedder, `hf` LLM engines), and in which dtype.
     # The ONNX embedders run on the CPU in their own precision.

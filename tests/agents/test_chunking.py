@@ -1,4 +1,4 @@
-"""Chunking: overlapping turn windows whose offsets always point back into the transcript."""
+"""Chunking: turn windows (one turn by default) whose offsets always point back into the transcript."""
 
 from __future__ import annotations
 
@@ -51,17 +51,33 @@ def test_single_turn() -> None:
     assert c.seq == 0
 
 
-def test_two_turns_is_one_window() -> None:
+def test_one_chunk_per_turn_by_default() -> None:
+    assert (WINDOW_TURNS, STRIDE_TURNS) == (1, 1)
+    turns = conv(4)
+    chunks = chunk_turns(turns)
+    check_invariants(turns, chunks)
+    assert [c.turn_ids for c in chunks] == [("t0",), ("t1",), ("t2",), ("t3",)]
+    assert [c.text for c in chunks] == transcript(turns).split("\n")
+
+
+@pytest.mark.parametrize("n", range(1, 12))
+def test_a_growing_chat_keeps_its_earlier_chunks(n: int) -> None:
+    # What lets a new revision embed only its new turn (issue 14): the chunks of a prefix are
+    # the first chunks of the longer conversation, text and offsets alike.
+    turns = conv(12)
+    assert chunk_turns(turns[:n]) == chunk_turns(turns)[:n]
+
+
+def test_two_turns_is_one_window_of_three() -> None:
     turns = conv(2)
-    (c,) = chunk_turns(turns)
+    (c,) = chunk_turns(turns, window=3, stride=3)
     assert c.turn_ids == ("t0", "t1")
     assert c.text == transcript(turns)
 
 
 def test_windows_of_three_do_not_overlap() -> None:
-    assert (WINDOW_TURNS, STRIDE_TURNS) == (3, 3)
     turns = conv(9)
-    chunks = chunk_turns(turns)
+    chunks = chunk_turns(turns, window=3, stride=3)
     check_invariants(turns, chunks)
     assert [c.turn_ids for c in chunks] == [
         ("t0", "t1", "t2"),
@@ -81,7 +97,7 @@ def test_overlapping_windows_share_characters() -> None:
 
 def test_tail_window_is_a_full_window() -> None:
     turns = conv(7)  # starts 0, 3 then the tail 4 (not 6, which would leave a 1-turn window)
-    chunks = chunk_turns(turns)
+    chunks = chunk_turns(turns, window=3, stride=3)
     check_invariants(turns, chunks)
     assert [c.turn_ids for c in chunks] == [
         ("t0", "t1", "t2"),
