@@ -53,7 +53,7 @@ def test_least_recently_used_go_first_and_keys_include_the_embedder() -> None:
     assert (cache.hits, cache.misses) == (4, 3)
 
 
-def test_repeated_windows_are_embedded_once_across_conversations() -> None:
+def test_repeated_turns_are_embedded_once_across_conversations() -> None:
     embedder = load_embedder("onnx-int8")
     greeting = (Turn("t1", "agent", "Hello, how can I help?"), Turn("t2", "customer", "Hi"),
                 Turn("t3", "agent", "Could I get your name, please?"))
@@ -61,10 +61,10 @@ def test_repeated_windows_are_embedded_once_across_conversations() -> None:
     b = Conversation("t", "b", 1, (*greeting, Turn("t4", "customer", "Please cancel my plan")))
     cache = EmbeddingCache(2**20)
     (ea, eb), embedded = embed_batch(embedder, [a, b], cache)
-    # windows: a = [t1-t3, t2-t4], b = [t1-t3, t2-t4']: three distinct texts
-    assert embedded == 3 and (cache.hits, cache.misses) == (0, 4)
-    np.testing.assert_array_equal(ea.vectors[0], eb.vectors[0])
+    # one chunk per turn: a = [t1, t2, t3, t4], b = [t1, t2, t3, t4']: five distinct texts
+    assert embedded == 5 and (cache.hits, cache.misses) == (0, 8)
+    np.testing.assert_array_equal(ea.vectors[:3], eb.vectors[:3])
     (again,), embedded = embed_batch(embedder, [a], cache)
-    assert embedded == 0 and cache.hits == 2
+    assert embedded == 0 and cache.hits == 4
     (fresh,), _ = embed_batch(embedder, [a])
     np.testing.assert_array_equal(again.vectors, fresh.vectors)

@@ -51,7 +51,7 @@ async def test_an_older_revision_does_not_replace_a_newer_one(pool: asyncpg.Pool
     await store(pool, [conversation("c1", 2, 4)])  # arrives late
     (got,) = await ConversationsTable(pool).load([("acme", "c1")], EMBEDDER.model_id)
     assert (got.conversation.revision, len(got.conversation.turns)) == (3, 7)
-    assert len(got.chunks) == len(got.vectors) == 3  # the newer revision's chunks, not the late ones
+    assert len(got.chunks) == len(got.vectors) == 7  # one per turn of the newer revision's chunks, not the late ones
     await store(pool, [conversation("c1", 4, 8)])
     (got,) = await ConversationsTable(pool).load([("acme", "c1")], EMBEDDER.model_id)
     assert (got.conversation.revision, len(got.conversation.turns)) == (4, 8)

@@ -56,8 +56,8 @@ async def test_the_planted_chunk_comes_first_with_its_offsets(pool: asyncpg.Pool
     query = EMBEDDER.embed([QUERY])[0]
     hits = await CorpusSearch(pool).search(query, EMBEDDER.model_id, k=5)
     top = hits[0]
-    assert (top.tenant_id, top.conversation_id, top.revision, top.chunk_id) == ("zoo", "c-iguana", 2, "c-iguana:2:1")
-    assert top.turn_ids == ("t4", "t5", "t6")
+    assert (top.tenant_id, top.conversation_id, top.revision, top.chunk_id) == ("zoo", "c-iguana", 2, "c-iguana:2:3")
+    assert top.turn_ids == ("t4",)
     assert top.text == transcript(PLANTED_TURNS)[top.char_start : top.char_end]
     assert "iguana climbed onto the keyboard" in top.text
     assert top.score > hits[1].score
@@ -92,4 +92,4 @@ async def test_flexor_search_prints_the_planted_chunk(pool: asyncpg.Pool, databa
     lines = [orjson.loads(line) for line in out.splitlines()]
     assert len(lines) == 3
     assert (lines[0]["conversation_id"], lines[0]["chunk_id"], lines[0]["turn_ids"]) == (
-        "c-iguana", "c-iguana:2:1", ["t4", "t5", "t6"])
+        "c-iguana", "c-iguana:2:3", ["t4"])
