@@ -40,12 +40,12 @@ WHERE c.tenant_id = n.tenant_id AND c.conversation_id = n.conversation_id AND c.
 
 _INSERT_SQL = """
 INSERT INTO chunks (tenant_id, conversation_id, revision, seq, chunk_id, turn_ids, speakers,
-                    char_start, char_end, text, embedder, embedding)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                    char_start, char_end, text, embedder, embedding, open)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
 ON CONFLICT (tenant_id, conversation_id, revision, seq) DO UPDATE
 SET chunk_id = EXCLUDED.chunk_id, turn_ids = EXCLUDED.turn_ids, speakers = EXCLUDED.speakers,
     char_start = EXCLUDED.char_start, char_end = EXCLUDED.char_end, text = EXCLUDED.text,
-    embedder = EXCLUDED.embedder, embedding = EXCLUDED.embedding
+    embedder = EXCLUDED.embedder, embedding = EXCLUDED.embedding, open = EXCLUDED.open
 """
 
 
@@ -67,7 +67,7 @@ class PgEvidenceStore:
                         c.tenant_id, c.conversation_id, c.revision, ch.seq,
                         chunk_id(c.conversation_id, c.revision, ch.seq),
                         list(ch.turn_ids), list(ch.speakers), ch.char_start, ch.char_end, ch.text,
-                        embedder_id, vec,
+                        embedder_id, vec, c.status == "open",
                     )
                 )
         async with self._pool.acquire() as conn, conn.transaction():

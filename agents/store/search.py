@@ -1,5 +1,7 @@
 """Corpus search: the stored chunks closest to a query vector across every conversation, through
-the HNSW index on chunk embeddings (migration 005), for the person writing a question.
+the HNSW index on chunk embeddings (migrations 005 and 012), for the person writing a question.
+It searches the chunks of stored revisions that are not open: an open revision's chunks are
+replaced by the next revision's and stay out of the index (migration 012).
 
 HNSW is approximate: `ef_search` is the size of its candidate list, the knob between recall and
 latency (`flexor bench --backfill` measures both against `exact=True`, a sequential scan). With a
@@ -16,12 +18,18 @@ import asyncpg
 import numpy as np
 
 DEFAULT_EF_SEARCH = 600
+# The index as migration 012 leaves it, for tools that drop and rebuild it (`flexor bench --backfill`).
+# A build needs maintenance_work_mem of 1 GB or more to keep the graph in memory (migration 005).
+CREATE_INDEX_SQL = """
+SET LOCAL maintenance_work_mem = '1GB';
+CREATE INDEX chunks_embedding_hnsw ON chunks USING hnsw (embedding vector_cosine_ops) WHERE NOT open;
+"""
 
 SEARCH_SQL = """
 SELECT tenant_id, conversation_id, revision, chunk_id, turn_ids, char_start, char_end, text,
        1 - (embedding <=> $1) AS score
 FROM chunks
-WHERE embedder = $2 AND ($3::text IS NULL OR tenant_id = $3)
+WHERE NOT open AND embedder = $2 AND ($3::text IS NULL OR tenant_id = $3)
 ORDER BY embedding <=> $1
 LIMIT $4
 """

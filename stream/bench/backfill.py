@@ -114,7 +114,7 @@ async def _service_phases(
 ) -> dict[str, Any]:
     from agents.store import create_pool
     from agents.store.backfill import BackfillJobs
-    from agents.store.migrate import MIGRATIONS_DIR
+    from agents.store.search import CREATE_INDEX_SQL
     from stream.app import Running, run_service
     from stream.backfill import Pacer
     from stream.backfill_command import enqueue, follow
@@ -149,7 +149,7 @@ async def _service_phases(
         without_index_rate, _, _ = await _stream(producer, watcher, t.input, events, 0)
         texts_first = texts_embedded()
         async with pool.acquire() as c, c.transaction():
-            await c.execute((MIGRATIONS_DIR / "005_chunks_hnsw.sql").read_text())
+            await c.execute(CREATE_INDEX_SQL)
         stream_rate, stream_s, keys = await _stream(producer, watcher, t.input, events, 10)
         stream_texts = texts_embedded() - texts_first
 
@@ -258,8 +258,8 @@ async def _search(admin_url: str, paths: list[Path], embedder_spec: str, qset: Q
     from agents.pipeline import embed_conversations
     from agents.store import create_pool
     from agents.store.chunks import PgEvidenceStore
-    from agents.store.migrate import MIGRATIONS_DIR, migrate
-    from agents.store.search import DEFAULT_EF_SEARCH, SEARCH_SQL, CorpusSearch
+    from agents.store.migrate import migrate
+    from agents.store.search import CREATE_INDEX_SQL, DEFAULT_EF_SEARCH, SEARCH_SQL, CorpusSearch
     from models.embedder import load_embedder
     from stream.config import LimitsConfig
     from stream.schemas import decode_conversation
@@ -292,7 +292,7 @@ async def _search(admin_url: str, paths: list[Path], embedder_spec: str, qset: Q
         conn = await asyncpg.connect(url)  # no command timeout: the build takes minutes, as in `flexor migrate`
         try:
             async with conn.transaction():
-                await conn.execute((MIGRATIONS_DIR / "005_chunks_hnsw.sql").read_text())
+                await conn.execute(CREATE_INDEX_SQL)
             await conn.execute("ANALYZE chunks")
         finally:
             await conn.close()

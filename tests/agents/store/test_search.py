@@ -77,7 +77,21 @@ async def test_a_tenant_filter_keeps_to_that_tenant(pool: asyncpg.Pool) -> None:
 
 async def test_the_migration_builds_an_hnsw_cosine_index(pool: asyncpg.Pool) -> None:
     ddl = await pool.fetchval("SELECT indexdef FROM pg_indexes WHERE indexname = 'chunks_embedding_hnsw'")
-    assert "USING hnsw (embedding vector_cosine_ops)" in ddl
+    assert "USING hnsw (embedding vector_cosine_ops) WHERE (NOT open)" in ddl
+
+
+async def test_an_open_revision_is_stored_for_evidence_but_not_searched(pool: asyncpg.Pool) -> None:
+    # The same words in a chat that is still open: its chunks serve its own evidence, but stay out
+    # of the search index (migration 012), so search finds only the closed conversation.
+    growing = Conversation("zoo", "c-growing", 5, PLANTED_TURNS[:4], {"channel": "chat"}, status="open")
+    embedded = await asyncio.to_thread(embed_conversations, EMBEDDER, [growing])
+    await PgEvidenceStore(pool).upsert(embedded, EMBEDDER.model_id)
+    assert await pool.fetchval("SELECT count(*) FROM chunks WHERE conversation_id = 'c-growing' AND open") == 4
+    query = EMBEDDER.embed([QUERY])[0]
+    for exact in (False, True):
+        hits = await CorpusSearch(pool).search(query, EMBEDDER.model_id, k=5, exact=exact)
+        assert hits[0].conversation_id == "c-iguana"
+        assert "c-growing" not in {h.conversation_id for h in hits}
 
 
 async def test_flexor_search_prints_the_planted_chunk(pool: asyncpg.Pool, database: str) -> None:
