@@ -48,9 +48,10 @@ log = logging.getLogger(__name__)
 
 SEED = 13
 CONCURRENCY = 8
-# Share of uncertainty picks taken at random while the question lacks labels of one answer
-# (`agents.learn.select`: a cold start near a one-sided threshold keeps returning one answer).
-COLD_START_RANDOM = 0.5
+# Share of uncertainty picks taken elsewhere while the question lacks labels of one answer
+# (`agents.learn.select`: a cold start near a one-sided threshold keeps returning one answer):
+# half to the likeliest holders of the missing answer, half at random.
+COLD_START_SHARE = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +88,13 @@ def choose(
     strategy: str, n: int, seed: int, convs: Sequence[EmbeddedConversation] | None = None,
     p_yes: np.ndarray | None = None, threshold: float = 0.5, n_candidates: int | None = None,
     explore: float = 0.0,
+    seek: Sequence[bool] = (),
 ) -> np.ndarray:
     """Indices of the n candidates to ask (`random` needs only their number)."""
     if strategy == RANDOM:
         return pick_random(n_candidates if n_candidates is not None else len(convs or ()), n, seed)
     if strategy == UNCERTAINTY and convs is not None and p_yes is not None:
-        return pick_uncertain(p_yes, threshold, conversation_vectors(convs), n, seed, explore=explore)
+        return pick_uncertain(p_yes, threshold, conversation_vectors(convs), n, seed, explore=explore, seek=seek)
     raise ValueError(f"strategy {strategy!r} needs its candidates' vectors and p_yes (or use one of {STRATEGIES})")
 
 
@@ -129,12 +131,12 @@ def _open(question: Question, teacher: Teacher, convs: Sequence[Conversation],
     return [i for i, good in zip(idx, ok, strict=True) if good]
 
 
-async def _cold(table: LabelsTable, question: Question, tenant_id: str | None) -> bool:
-    """Too few labels of either answer to train a head (`agents.learn.train.MIN_PER_CLASS`)."""
+async def _missing(table: LabelsTable, question: Question, tenant_id: str | None) -> tuple[bool, ...]:
+    """The answers (True: yes) with too few labels to train a head (`agents.learn.train.MIN_PER_CLASS`)."""
     from agents.learn.train import MIN_PER_CLASS
 
-    counts = [await table.count(question.id, question.version, answer=a, tenant_id=tenant_id) for a in ("yes", "no")]
-    return min(counts) < MIN_PER_CLASS
+    counts = {a: await table.count(question.id, question.version, answer=a, tenant_id=tenant_id) for a in ("yes", "no")}
+    return tuple(a == "yes" for a, n in counts.items() if n < MIN_PER_CLASS)
 
 
 async def candidates(
@@ -198,8 +200,9 @@ async def label_question(
             embedded = [e for s in range(0, len(keys), 1000)
                         for e in await ConversationsTable(pool).load(keys[s : s + 1000], embedder_id)]
         p_yes, threshold = await asyncio.to_thread(stage1, cascade, question, embedded)
-        explore = COLD_START_RANDOM if await _cold(table, question, tenant_id) else 0.0
-        picks = choose(strategy, n, seed, embedded, p_yes, threshold, explore=explore)
+        missing = await _missing(table, question, tenant_id)
+        picks = choose(strategy, n, seed, embedded, p_yes, threshold, explore=COLD_START_SHARE if missing else 0.0,
+                       seek=missing)
         chosen = [embedded[i].conversation for i in picks]
     elif n:
         chosen = [cands[i] for i in choose(strategy, n, seed, n_candidates=len(cands))]

@@ -46,3 +46,21 @@ def test_a_share_of_the_picks_can_be_random() -> None:
     assert sum(i < 20 for i in picked) == 4  # the uncertain half
     assert pick_uncertain(p, 0.5, vectors, n=8, seed=2).tolist() == sorted(pick_uncertain(
         p, 0.5, vectors, n=8, seed=2, explore=0.0).tolist())
+
+
+def test_a_cold_start_seeks_the_missing_answer_where_the_scorer_ranks_it() -> None:
+    """Half the cold start's share goes to the likeliest holders of the answer the labels lack."""
+    rng = np.random.default_rng(4)
+    vectors = rng.normal(size=(1000, 8)).astype(np.float32)
+    # 20 at the threshold, 10 ranked likely yes, 10 ranked likely no, 960 in between.
+    p = np.r_[np.full(20, 0.5), np.full(10, 0.97), np.full(10, 0.001), np.full(960, 0.2)]
+    likely_yes, likely_no = set(range(20, 30)), set(range(30, 40))
+    for seek, want_yes, want_no in (((True,), 4, 0), ((False,), 0, 4), ((True, False), 2, 2)):
+        picked = pick_uncertain(p, 0.5, vectors, n=16, seed=2, explore=0.5, seek=seek).tolist()
+        assert len(set(picked)) == 16
+        assert sum(i < 20 for i in picked) == 8  # the uncertain half
+        # the sought quarter (4 picks); the random quarter lands in them by chance at most rarely
+        assert len(likely_yes & set(picked)) >= want_yes and len(likely_no & set(picked)) >= want_no, picked
+    # without seek the share is random: from 1000 candidates it hardly finds the 10 likely yes
+    picked = pick_uncertain(p, 0.5, vectors, n=16, seed=2, explore=0.5).tolist()
+    assert len(likely_yes & set(picked)) < 4
