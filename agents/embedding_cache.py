@@ -1,7 +1,7 @@
 """A bounded, content-addressed cache of chunk vectors, shared by every conversation of a process.
 
-Keyed by embedder id and a hash of the exact text the embedder saw, so a window embedded for
-revision 3 of a chat is found again for revision 4, and a window repeated across conversations
+Keyed by embedder id and a hash of the exact text the embedder saw, so a turn embedded for
+revision 3 of a chat is found again for revision 4, and a turn repeated across conversations
 (greetings, macros) is embedded once. The embedder is batch-independent (a text always gets the
 same vector), so a cached vector is exactly the vector a fresh call would give, and answers do not
 depend on the cache.
@@ -23,6 +23,8 @@ from cachetools import LRUCache
 # Python's share of an entry beyond the vector's bytes: the key tuple and digest, the array
 # object, and the LRU's bookkeeping (measured with tracemalloc: 515-550 bytes at 1-64 MiB).
 ENTRY_OVERHEAD = 560
+# The service's default bound (`models.embedding_cache_mb`), also what `flexor eval` runs with.
+DEFAULT_MB = 64
 
 
 def text_key(embedder_id: str, text: str) -> tuple[str, bytes]:

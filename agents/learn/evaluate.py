@@ -12,9 +12,10 @@ conversations by `applies_to`); or, with ``--from-store``, the labels table and 
 conversations with their stored vectors (split ``eval``: the held-out share `train
 --from-store` leaves out). Only labelled (conversation, question) pairs are scored.
 
-The same code as the service answers every conversation: chunking, embedding, evidence
-retrieval (the in-memory store, ranked as pgvector ranks) and the cascade (heads where
-DIR has one, else the zero-shot scorer). Only then are gold answers compared.
+The same code as the service answers every conversation: chunking, embedding (with the
+service's default reuse cache, `agents.embedding_cache`), evidence retrieval (the in-memory
+store, ranked as pgvector ranks) and the cascade (heads where DIR has one, else the zero-shot
+scorer). Only then are gold answers compared.
 Writes DIR/report.json, DIR/report.md, DIR/pr_curves.png and DIR/reliability.png.
 """
 
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from agents.cascade import Cascade
+from agents.embedding_cache import DEFAULT_MB, EmbeddingCache
 from agents.evidence import MemoryEvidenceStore
 from agents.learn.datasets import HOLDOUT, LabelledSet, read_labelled, read_questions_file
 from agents.learn.embedcache import CachingEmbedder
@@ -77,7 +79,9 @@ def build_pipeline(embedder: Embedder, heads_dir: str | Path | None) -> tuple[Pi
         heads, version = load_heads(heads_dir, embedder)
         by_question = {q: h for q, h in head_ids_by_question(heads_dir).items() if h in heads}
     cascade = Cascade(SimilarityScorer(embedder), heads)
-    return Pipeline(embedder, MemoryEvidenceStore(), cascade), by_question, version
+    # The service's reuse cache too: a turn repeated across conversations is embedded once.
+    cache = EmbeddingCache(DEFAULT_MB * 2**20)
+    return Pipeline(embedder, MemoryEvidenceStore(), cascade, cache=cache), by_question, version
 
 
 async def classify_all(

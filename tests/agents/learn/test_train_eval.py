@@ -163,3 +163,35 @@ def test_few_shot_heads_carry_the_question_and_the_words(tmp_path: Path) -> None
                           "--heads", str(heads), "--report", str(report), "--no-progress"]) == 0
     questions = json.loads((report / "report.json").read_text())["questions"]
     assert questions["q00"]["path"] == "few-shot"
+
+
+def test_eval_embeds_a_turn_repeated_across_conversations_once() -> None:
+    """`flexor eval` runs the service's reuse cache: a repeated turn is embedded once, and the
+    answers are those of a pipeline without it."""
+    from agents.chunking import Turn
+    from agents.learn.evaluate import build_pipeline
+    from agents.pipeline import Pipeline
+    from agents.types import Conversation
+    from models.embedder import load_embedder
+
+    class Counting:
+        def __init__(self, inner: object) -> None:
+            self.inner, self.texts = inner, 0
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+        def embed(self, texts: list[str]) -> np.ndarray:
+            self.texts += len(texts)
+            return self.inner.embed(texts)  # type: ignore[attr-defined]
+
+    greeting = (Turn("t1", "agent", "Hello, how can I help you today?"), Turn("t2", "customer", "Hi there"))
+    convs = [Conversation("t", c, 1, (*greeting, Turn("t3", "customer", text))) for c, text in
+             (("a", "I was charged twice for my order"), ("b", "Please cancel my subscription"))]
+    embedder = Counting(load_embedder("onnx-int8"))
+    pipeline, _, _ = build_pipeline(embedder, None)  # type: ignore[arg-type]
+    embedded = pipeline._embed(convs)
+    assert embedder.texts == 4  # two shared turns once, two own turns
+    plain = Pipeline(embedder, pipeline.store, pipeline.cascade)  # type: ignore[arg-type]
+    for got, want in zip(embedded, plain._embed(convs), strict=True):
+        np.testing.assert_array_equal(got.vectors, want.vectors)
