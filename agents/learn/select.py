@@ -15,8 +15,8 @@ So `pick_uncertain` can take a share of the picks elsewhere (`label_question` do
 question has enough labels of each answer to train a head): half of that share goes to the
 conversations the current scorer ranks likeliest to have the missing answer (highest p_yes when
 yes is missing, lowest when no is), spread over k-means groups like the uncertain picks, and half
-at random, for a scorer whose ranking is wrong. With 3-turn windows the random share alone left
-q04 without a yes label for four rounds of the shared data (2 yes in 100 labels, a 7 % base rate),
+at random, for a scorer whose ranking is wrong. With random picks alone, q04 had 2 yes labels
+after 100 on the shared data (one chunk per turn; a 7 % base rate) and no head until 150,
 although the zero-shot scorer ranks q04 at ROC-AUC 0.96.
 """
 
