@@ -23,7 +23,7 @@ from cachetools import LRUCache
 # Python's share of an entry beyond the vector's bytes: the key tuple and digest, the array
 # object, and the LRU's bookkeeping (measured with tracemalloc: 515-550 bytes at 1-64 MiB).
 ENTRY_OVERHEAD = 560
-# The service's default bound (`models.embedding_cache_mb`), also what `flexor eval` runs with.
+# The default bound of `models.embedding_cache_mb` (stream.config), also what `flexor eval` runs with.
 DEFAULT_MB = 64
 
 

@@ -18,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from agents.embedding_cache import DEFAULT_MB as EMBEDDING_CACHE_MB
+
 # The example questions ship inside the package, so the default works from any directory.
 EXAMPLE_QUESTIONS = Path(str(importlib.resources.files("examples"))) / "questions.yaml"
 
@@ -123,7 +125,7 @@ class ModelsConfig(BaseModel):
     # LLM engine spec for the uncertain band (hf-tiny, hf:PATH, openai:URL, trtllm:PATH); None = off.
     llm: str | None = None
     # Chunk vectors kept for reuse (later revisions, repeated turns); 0 = embed every chunk again.
-    embedding_cache_mb: int = Field(default=64, ge=0)
+    embedding_cache_mb: int = Field(default=EMBEDDING_CACHE_MB, ge=0)
     # Where the torch-based models run (the `torch` embedder, `hf` LLM engines), and in which dtype.
     # The ONNX embedders run on the CPU in their own precision.
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
