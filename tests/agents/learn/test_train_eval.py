@@ -190,8 +190,8 @@ def test_eval_embeds_a_turn_repeated_across_conversations_once() -> None:
              (("a", "I was charged twice for my order"), ("b", "Please cancel my subscription"))]
     embedder = Counting(load_embedder("onnx-int8"))
     pipeline, _, _ = build_pipeline(embedder, None)  # type: ignore[arg-type]
-    embedded = pipeline._embed(convs)
+    embedded = asyncio.run(pipeline.embed(convs))
     assert embedder.texts == 4  # two shared turns once, two own turns
     plain = Pipeline(embedder, pipeline.store, pipeline.cascade)  # type: ignore[arg-type]
-    for got, want in zip(embedded, plain._embed(convs), strict=True):
+    for got, want in zip(embedded, asyncio.run(plain.embed(convs)), strict=True):
         np.testing.assert_array_equal(got.vectors, want.vectors)
