@@ -56,8 +56,8 @@ class ReembedReport:
         if self.dry_run:
             return (f"reembed (dry run): scanned {self.scanned}, would rewrite {self.mismatched.total()} "
                     f"({reasons}), {self.seconds:.1f} s")
-        return (f"reembed: scanned {self.scanned}, rewritten {self.rewritten} ({reasons}), skipped {self.skipped} "
-                f"(newer revision), {self.seconds:.1f} s")
+        return (f"reembed: scanned {self.scanned}, mismatched {self.mismatched.total()} ({reasons}), rewritten "
+                f"{self.rewritten}, skipped {self.skipped} (newer revision), {self.seconds:.1f} s")
 
 
 async def reembed(

@@ -177,4 +177,5 @@ async def test_a_dry_run_counts_and_writes_nothing(pool: asyncpg.Pool, mixed: di
 def test_the_summary_line_says_what_was_done() -> None:
     r = ReembedReport(scanned=10, rewritten=4, skipped=1, seconds=2.0)
     r.mismatched.update({Mismatch.EMBEDDER: 3, Mismatch.CHUNKER: 2})
-    assert r.line() == "reembed: scanned 10, rewritten 4 (embedder 3, chunker 2), skipped 1 (newer revision), 2.0 s"
+    assert r.line() == ("reembed: scanned 10, mismatched 5 (embedder 3, chunker 2), rewritten 4, skipped 1 "
+                        "(newer revision), 2.0 s")

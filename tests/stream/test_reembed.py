@@ -52,7 +52,8 @@ async def test_dry_run_then_run(pool: asyncpg.Pool, database: str, monkeypatch: 
 
     assert await asyncio.to_thread(main, ["reembed", "--batch", "10"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[-1].startswith("reembed: scanned 1, rewritten 1 (embedder 0, chunker 1), skipped 0 (newer revision)")
+    assert out[-1].startswith("reembed: scanned 1, mismatched 1 (embedder 0, chunker 1), rewritten 1, skipped 0 "
+                              "(newer revision)"), out
     (got,) = await ConversationsTable(pool).load([("acme", "c1")], EMBEDDER.model_id)
     assert got.chunks == chunk_turns(turns)
 
