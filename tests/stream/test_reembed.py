@@ -1,6 +1,7 @@
-"""`flexor reembed` as an operator runs it: `--dry-run` reports and writes nothing, a run makes a
-stored conversation of the 3-turn-window chunker loadable, and a database it cannot use (bad URL,
-no pgvector) or a bad argument is one line and a non-zero exit."""
+"""`flexor reembed` as an operator runs it: `--dry-run` reports and writes nothing, a run (on the
+runtime install, without the tool extras) makes a stored conversation of the 3-turn-window chunker
+loadable, and a database it cannot use (bad URL, no pgvector) or a bad argument is one line and a
+non-zero exit."""
 
 from __future__ import annotations
 
@@ -20,16 +21,21 @@ from agents.types import Conversation, EmbeddedConversation
 from models.embedder import load_embedder
 from stream.cli import main
 from tests.conftest import REPO
+from tests.stream.test_config import _WITHOUT_EXTRAS as WITHOUT_EXTRAS
 from tests.stream.test_database_errors import error_line, no_vector_database  # noqa: F401 (a fixture)
 
 EMBEDDER = load_embedder("onnx-int8")  # the configured default
 
 
-def run_reembed(database_url: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`flexor reembed` in a process of its own, on this checkout's code."""
+def run_reembed(
+    database_url: str, cwd: Path, *args: str, runtime_install: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """`flexor reembed` in a process of its own, on this checkout's code; `runtime_install`: as
+    the image runs it, without the tool extras (rich, torch)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXOR_")}
     env.update(DATABASE_URL=database_url, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "stream.cli", "reembed", *args], env=env, cwd=cwd,
+    cli = ["-c", WITHOUT_EXTRAS] if runtime_install else ["-m", "stream.cli"]
+    return subprocess.run([sys.executable, *cli, "reembed", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -50,8 +56,9 @@ async def test_dry_run_then_run(pool: asyncpg.Pool, database: str, monkeypatch: 
     with pytest.raises(StoreMismatch):
         await ConversationsTable(pool).load([("acme", "c1")], EMBEDDER.model_id)
 
-    assert await asyncio.to_thread(main, ["reembed", "--batch", "10"]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
+    proc = await asyncio.to_thread(run_reembed, database, REPO, "--batch", "10", runtime_install=True)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.strip().splitlines()
     assert out[-1].startswith("reembed: scanned 1, mismatched 1 (embedder 0, chunker 1), rewritten 1, skipped 0 "
                               "(newer revision)"), out
     (got,) = await ConversationsTable(pool).load([("acme", "c1")], EMBEDDER.model_id)
