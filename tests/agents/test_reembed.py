@@ -2,7 +2,7 @@
 or a chunk too many) or another embedder are refused by `ConversationsTable.load` until a reembed
 run rewrites them with today's chunks and the configured embedder's vectors; a correct one is not
 touched, a second run rewrites nothing, a revision the service stores meanwhile is not clobbered,
-and a dry run writes nothing."""
+a row the service holds makes reembed give up and leave it to a rerun, and a dry run writes nothing."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import asyncpg
 import numpy as np
 import pytest
 
+from agents import reembed as reembed_module
 from agents.chunking import Turn, chunk_turns
 from agents.pipeline import embed_conversations
-from agents.reembed import ReembedReport, reembed
+from agents.reembed import ReembedReport, StoreBusy, reembed
 from agents.store.chunks import PgEvidenceStore
 from agents.store.conversations import ConversationsTable, Key, Mismatch, StoreMismatch
 from agents.types import Conversation, EmbeddedConversation
@@ -163,6 +164,28 @@ async def test_a_revision_stored_meanwhile_is_not_clobbered(pool: asyncpg.Pool) 
     assert {r[2] for r in await chunk_rows(pool, ("acme", "c1"))} == {2}
     (got,) = await table.load([("acme", "c2")], EMBEDDER.model_id)
     assert_today(got, other)
+
+
+@pytest.mark.timeout(60)  # without its lock timeout, reembed would wait on the row for ever
+async def test_a_row_the_service_holds_is_waited_for_then_given_up_and_left_to_a_rerun(
+    pool: asyncpg.Pool, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conv = conversation("c1", 5)
+    await store(pool, [windowed(conv)])
+    monkeypatch.setattr(reembed_module, "RETRY_S", 0.01)
+    service = await asyncpg.connect(database)  # a service transaction that holds the row
+    try:
+        async with service.transaction():
+            await service.execute("SELECT 1 FROM conversations WHERE conversation_id = 'c1' FOR UPDATE")
+            with pytest.raises(StoreBusy, match="rerun `flexor reembed`"):
+                await reembed(pool, EMBEDDER)
+    finally:
+        await service.close()
+    await refused(pool, ("acme", "c1"))  # the failed batch wrote nothing
+    report = await reembed(pool, EMBEDDER)
+    assert (report.rewritten, report.skipped) == (1, 0)
+    (got,) = await ConversationsTable(pool).load([("acme", "c1")], EMBEDDER.model_id)
+    assert_today(got, conv)
 
 
 async def test_a_dry_run_counts_and_writes_nothing(pool: asyncpg.Pool, mixed: dict[Key, Conversation]) -> None:
