@@ -201,6 +201,8 @@ COMMANDS = {
     "backfill": ("Answer stored conversations for new or changed questions (work shared by the replicas).",
                  "stream.backfill_command"),
     "search": ("Find the stored chunks closest to a text across all conversations.", "stream.search"),
+    "reembed": ("Re-chunk and re-embed stored conversations after a chunker or embedder change (no replay).",
+                "stream.reembed"),
     "labels": ("Import a file of labels into the labels table (flexor labels import FILE).",
                "agents.learn.labels_import"),
     "label": ("Ask a teacher (an LLM, or gold:FILE) to label stored conversations for one question.",

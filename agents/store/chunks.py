@@ -4,13 +4,15 @@ conversation (pgvector cosine distance, then chunk order)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
 
 import asyncpg
 import numpy as np
 
 from agents.evidence import EvidenceRequest, chunk_id, to_evidence
-from agents.store.conversations import upsert_conversations
+from agents.store.conversations import Key, lock_stored, upsert_conversations
 from agents.types import EmbeddedConversation, Evidence
 
 _TOP_K_SQL = """
@@ -49,8 +51,58 @@ SET chunk_id = EXCLUDED.chunk_id, turn_ids = EXCLUDED.turn_ids, speakers = EXCLU
 """
 
 
+# `rewrite` runs beside the live service and gives way to it: rather than wait long for a row the
+# service holds (and risk Postgres aborting the service's transaction to break a deadlock), its
+# transaction fails with LockNotAvailableError, for the caller to retry.
+REWRITE_LOCK_TIMEOUT = "200ms"
+
+# A rewrite of the same revision may make fewer chunks than it replaces (another chunker).
+_DELETE_SURPLUS_SQL = """
+DELETE FROM chunks c USING unnest($1::text[], $2::text[], $3::int[], $4::int[]) AS n(tenant_id, conversation_id,
+                                                                                    revision, kept)
+WHERE c.tenant_id = n.tenant_id AND c.conversation_id = n.conversation_id AND c.revision = n.revision
+  AND c.seq >= n.kept
+"""
+
+
 def _vector_text(v: np.ndarray) -> str:
     return "[" + ",".join(f"{x:.7g}" for x in v.tolist()) + "]"
+
+
+def _key(ec: EmbeddedConversation) -> Key:
+    return ec.conversation.tenant_id, ec.conversation.conversation_id
+
+
+def _chunk_rows(convs: Sequence[EmbeddedConversation], embedder_id: str) -> list[tuple[Any, ...]]:
+    rows = []
+    for ec in convs:
+        c = ec.conversation
+        for ch, vec in zip(ec.chunks, ec.vectors, strict=True):
+            rows.append(
+                (
+                    c.tenant_id, c.conversation_id, c.revision, ch.seq,
+                    chunk_id(c.conversation_id, c.revision, ch.seq),
+                    list(ch.turn_ids), list(ch.speakers), ch.char_start, ch.char_end, ch.text,
+                    embedder_id, vec, c.status == "open",
+                )
+            )
+    return rows
+
+
+async def _write(
+    conn: asyncpg.Connection, convs: Sequence[EmbeddedConversation], rows: list[tuple[Any, ...]], embedder_id: str
+) -> None:
+    """Store the conversations and their chunk `rows` (`_chunk_rows`) and drop their older
+    revisions' chunks; inside the caller's transaction."""
+    await conn.execute(
+        _DELETE_OLD_SQL,
+        [ec.conversation.tenant_id for ec in convs],
+        [ec.conversation.conversation_id for ec in convs],
+        [ec.conversation.revision for ec in convs],
+    )
+    if rows:
+        await conn.executemany(_INSERT_SQL, rows)
+    await upsert_conversations(conn, [ec.conversation for ec in convs], embedder_id)
 
 
 class PgEvidenceStore:
@@ -58,28 +110,30 @@ class PgEvidenceStore:
         self._pool = pool
 
     async def upsert(self, convs: Sequence[EmbeddedConversation], embedder_id: str) -> None:
-        rows = []
-        for ec in convs:
-            c = ec.conversation
-            for ch, vec in zip(ec.chunks, ec.vectors, strict=True):
-                rows.append(
-                    (
-                        c.tenant_id, c.conversation_id, c.revision, ch.seq,
-                        chunk_id(c.conversation_id, c.revision, ch.seq),
-                        list(ch.turn_ids), list(ch.speakers), ch.char_start, ch.char_end, ch.text,
-                        embedder_id, vec, c.status == "open",
-                    )
-                )
+        rows = _chunk_rows(convs, embedder_id)
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                _DELETE_OLD_SQL,
-                [ec.conversation.tenant_id for ec in convs],
-                [ec.conversation.conversation_id for ec in convs],
-                [ec.conversation.revision for ec in convs],
-            )
-            if rows:
-                await conn.executemany(_INSERT_SQL, rows)
-            await upsert_conversations(conn, [ec.conversation for ec in convs], embedder_id)
+            await _write(conn, convs, rows, embedder_id)
+
+    async def rewrite(
+        self, convs: Sequence[EmbeddedConversation], read: Mapping[Key, datetime], embedder_id: str
+    ) -> list[Key]:
+        """Replace the stored chunks of each conversation (the revision it carries) by its chunks, in
+        one transaction, unless its stored row was written since it was read: `read` holds each
+        key's `stored_at` as read. Returns the keys rewritten; the others hold a newer write."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{REWRITE_LOCK_TIMEOUT}'")
+            now = await lock_stored(conn, [_key(ec) for ec in convs])
+            kept = [ec for ec in convs if now.get(_key(ec)) == (ec.conversation.revision, read.get(_key(ec)))]
+            if kept:
+                await conn.execute(
+                    _DELETE_SURPLUS_SQL,
+                    [ec.conversation.tenant_id for ec in kept],
+                    [ec.conversation.conversation_id for ec in kept],
+                    [ec.conversation.revision for ec in kept],
+                    [len(ec.chunks) for ec in kept],
+                )
+                await _write(conn, kept, _chunk_rows(kept, embedder_id), embedder_id)
+        return [_key(ec) for ec in kept]
 
     async def prune(self, newest: Sequence[tuple[str, str, int]]) -> None:
         if newest:

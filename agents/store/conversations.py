@@ -5,20 +5,21 @@ vectors are the stored chunk embeddings, so nothing is embedded again.
 A stored conversation is re-chunked with today's chunker (cheap, deterministic) and each chunk's
 vector is taken from the stored chunk with the same sequence number. If the chunker changed since
 the chunks were stored, the texts differ and the conversation is refused rather than paired with
-the wrong vectors.
+the wrong vectors. `flexor reembed` (`agents/reembed.py`) rewrites such chunks from the stored turns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 
 import asyncpg
 import numpy as np
 import orjson
 
-from agents.chunking import Turn, chunk_turns
+from agents.chunking import Chunk, Turn, chunk_turns
 from agents.types import Conversation, EmbeddedConversation
 
 Key = tuple[str, str]  # (tenant_id, conversation_id)
@@ -38,6 +39,27 @@ WHERE c.revision <= EXCLUDED.revision
 
 class StoreMismatch(ValueError):
     """Stored chunks that cannot serve this process: another embedder, or another chunker."""
+
+
+class Mismatch(StrEnum):
+    """Why a conversation's stored chunks cannot serve this process."""
+
+    EMBEDDER = "embedder"  # embedded by another embedder than the configured one
+    CHUNKER = "chunker"  # their texts are not what today's chunker makes of the stored turns
+
+
+def mismatch(
+    stored_embedders: Iterable[str], stored_texts: Sequence[str], chunks: Sequence[Chunk], embedder_id: str
+) -> Mismatch | None:
+    """The test `load` makes before it pairs stored vectors with today's chunks (and `flexor
+    reembed` makes to find what to rewrite): `stored_embedders` are the conversation row's and its
+    chunks' embedder ids, `stored_texts` its chunk texts in sequence order, `chunks` today's
+    chunker's chunks of its stored turns."""
+    if any(e != embedder_id for e in stored_embedders):
+        return Mismatch.EMBEDDER
+    if [c.text for c in chunks] != list(stored_texts):
+        return Mismatch.CHUNKER
+    return None
 
 
 async def upsert_conversations(conn: asyncpg.Connection, convs: Sequence[Conversation], embedder_id: str) -> None:
@@ -69,6 +91,38 @@ class StoredKey:
     tenant_id: str
     conversation_id: str
     revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredChunks:
+    """A stored conversation with what `mismatch` needs of its chunks (not their vectors)."""
+
+    conversation: Conversation
+    stored_at: datetime  # changes with every write of the row: a rewrite checks it is still the one read
+    embedders: tuple[str, ...]  # the row's embedder id, then its chunks' distinct ids
+    texts: tuple[str, ...]  # chunk texts in sequence order
+
+    @property
+    def key(self) -> Key:
+        return self.conversation.tenant_id, self.conversation.conversation_id
+
+    def mismatch(self, embedder_id: str) -> Mismatch | None:
+        return mismatch(self.embedders, self.texts, chunk_turns(self.conversation.turns), embedder_id)
+
+
+async def lock_stored(conn: asyncpg.Connection, keys: Sequence[Key]) -> dict[Key, tuple[int, datetime]]:
+    """Lock the stored rows of `keys` until the transaction ends and return each one's (revision,
+    stored_at). Locked in key order, so two callers with overlapping keys wait rather than deadlock."""
+    rows = await conn.fetch(
+        """
+        SELECT c.tenant_id, c.conversation_id, c.revision, c.stored_at FROM conversations c
+        JOIN unnest($1::text[], $2::text[]) AS k(t, i) ON c.tenant_id = k.t AND c.conversation_id = k.i
+        ORDER BY c.tenant_id, c.conversation_id
+        FOR UPDATE OF c
+        """,
+        [k[0] for k in keys], [k[1] for k in keys],
+    )
+    return {(r["tenant_id"], r["conversation_id"]): (r["revision"], r["stored_at"]) for r in rows}
 
 
 class ConversationsTable:
@@ -144,6 +198,37 @@ class ConversationsTable:
         )
         return [_conversation(r) for r in rows]
 
+    async def count(self, *, tenant_id: str | None = None) -> int:
+        return int(await self._pool.fetchval(
+            "SELECT count(*) FROM conversations WHERE $1::text IS NULL OR tenant_id = $1", tenant_id
+        ))
+
+    async def scan_chunks(
+        self, *, tenant_id: str | None = None, after: Key | None = None, limit: int = 1000
+    ) -> list[StoredChunks]:
+        """Like `scan`, with each conversation's stored chunk texts and embedder ids (of its stored
+        revision), so `mismatch` can be tested without reading vectors."""
+        rows = await self._pool.fetch(
+            """
+            SELECT c.*, ch.texts, ch.embedders FROM conversations c
+            CROSS JOIN LATERAL (
+                SELECT coalesce(array_agg(x.text ORDER BY x.seq), '{}') AS texts,
+                       coalesce(array_agg(DISTINCT x.embedder), '{}') AS embedders
+                FROM chunks x
+                WHERE x.tenant_id = c.tenant_id AND x.conversation_id = c.conversation_id AND x.revision = c.revision
+            ) ch
+            WHERE ($1::text IS NULL OR c.tenant_id = $1)
+              AND ($2::text IS NULL OR (c.tenant_id, c.conversation_id) > ($2, $3))
+            ORDER BY c.tenant_id, c.conversation_id
+            LIMIT $4
+            """,
+            tenant_id, after[0] if after else None, after[1] if after else None, limit,
+        )
+        return [
+            StoredChunks(_conversation(r), r["stored_at"], (r["embedder"], *r["embedders"]), tuple(r["texts"]))
+            for r in rows
+        ]
+
     async def load(self, keys: Sequence[Key], embedder_id: str) -> list[EmbeddedConversation]:
         """The stored conversations for `keys` (those that exist, in the order of `keys`), with
         their stored chunk vectors. Raises StoreMismatch when a conversation's chunks come from
@@ -190,15 +275,18 @@ def _conversation(row: asyncpg.Record) -> Conversation:
 
 def _rebuild(row: asyncpg.Record, chunk_rows: list[asyncpg.Record], embedder_id: str) -> EmbeddedConversation:
     name = f"{row['tenant_id']}/{row['conversation_id']}"
-    if row["embedder"] != embedder_id or any(c["embedder"] != embedder_id for c in chunk_rows):
-        raise StoreMismatch(
-            f"stored chunks of {name} were embedded with {row['embedder']}, not {embedder_id}: "
-            "re-embed them (replay the conversations) or use that embedder"
-        )
     conv = _conversation(row)
     chunks = chunk_turns(conv.turns)
-    if [c.text for c in chunks] != [r["text"] for r in chunk_rows]:
-        raise StoreMismatch(f"stored chunks of {name} do not match today's chunker: replay the conversation")
+    why = mismatch([row["embedder"], *(c["embedder"] for c in chunk_rows)], [r["text"] for r in chunk_rows], chunks,
+                   embedder_id)
+    if why is Mismatch.EMBEDDER:
+        raise StoreMismatch(
+            f"stored chunks of {name} were embedded with {row['embedder']}, not {embedder_id}: "
+            "run `flexor reembed` to re-embed them with the configured embedder, or use that embedder"
+        )
+    if why is Mismatch.CHUNKER:
+        raise StoreMismatch(f"stored chunks of {name} do not match today's chunker: run `flexor reembed` to "
+                            "re-chunk them")
     vectors = (
         np.stack([r["embedding"].to_numpy() for r in chunk_rows]).astype(np.float32, copy=False)
         if chunk_rows else np.zeros((0, 0), np.float32)
