@@ -112,6 +112,11 @@ class PgEvidenceStore:
     async def upsert(self, convs: Sequence[EmbeddedConversation], embedder_id: str) -> None:
         rows = _chunk_rows(convs, embedder_id)
         async with self._pool.acquire() as conn, conn.transaction():
+            # The conversation rows first, in key order, as `rewrite` takes them: a `flexor reembed`
+            # batch holding one is waited for here, before the delete reads which chunks to drop,
+            # so the chunks it wrote at the older revision are dropped too (and the two never
+            # deadlock on each other's chunk rows).
+            await lock_stored(conn, [_key(ec) for ec in convs])
             await _write(conn, convs, rows, embedder_id)
 
     async def rewrite(

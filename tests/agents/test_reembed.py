@@ -18,6 +18,7 @@ from agents import reembed as reembed_module
 from agents.chunking import Turn, chunk_turns
 from agents.pipeline import embed_conversations
 from agents.reembed import ReembedReport, StoreBusy, reembed
+from agents.store import chunks as chunks_module
 from agents.store.chunks import PgEvidenceStore
 from agents.store.conversations import ConversationsTable, Key, Mismatch, StoreMismatch
 from agents.types import Conversation, EmbeddedConversation
@@ -202,3 +203,43 @@ def test_the_summary_line_says_what_was_done() -> None:
     r.mismatched.update({Mismatch.EMBEDDER: 3, Mismatch.CHUNKER: 2})
     assert r.line() == ("reembed: scanned 10, mismatched 5 (embedder 3, chunker 2), rewritten 4, skipped 1 "
                         "(newer revision), 2.0 s")
+
+
+@pytest.mark.timeout(60)
+async def test_a_revision_the_service_stores_during_a_rewrite_drops_every_chunk_the_rewrite_wrote(
+    pool: asyncpg.Pool, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service stores revision 2 while a reembed batch is writing revision 1's chunks. Today's
+    chunker makes more chunks of it than the windows did, so the rewrite inserts rows as well as
+    updating them: the service's delete of older revisions must see those too, not leave them."""
+    old = conversation("c1", 6)
+    await store(pool, [windowed(old)])
+    assert len(chunk_turns(old.turns)) > len(chunk_turns(old.turns, window=3, stride=1))
+    newer = conversation("c1", 7, revision=2)
+    service: list[asyncio.Task[None]] = []
+    original = chunks_module.upsert_conversations
+
+    async def rewrite_then_the_service(
+        conn: asyncpg.Connection, convs: Sequence[Conversation], embedder_id: str
+    ) -> None:
+        if not service:  # the rewrite's own call, after its chunk rows are written, before it commits
+            service.append(asyncio.create_task(store(pool, embed_conversations(EMBEDDER, [newer]))))
+            watcher = await asyncpg.connect(database)  # the pool's two connections: the rewrite's, the service's
+            try:
+                # Until the service's transaction waits on the rewrite's locks (Postgres has no event for that).
+                while not await watcher.fetchval(  # noqa: ASYNC110
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database()"
+                ):
+                    await asyncio.sleep(0.02)
+            finally:
+                await watcher.close()
+        await original(conn, convs, embedder_id)
+
+    monkeypatch.setattr(chunks_module, "upsert_conversations", rewrite_then_the_service)
+    report = await reembed(pool, EMBEDDER)
+    await service[0]
+    assert report.rewritten == 1
+    assert {r[2] for r in await chunk_rows(pool, ("acme", "c1"))} == {2}  # no revision-1 row left behind
+    (got,) = await ConversationsTable(pool).load([("acme", "c1")], EMBEDDER.model_id)
+    assert_today(got, newer)
