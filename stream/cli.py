@@ -36,6 +36,17 @@ def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
     )
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts (`--k`, `--batch`): a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
 def _port(text: str) -> int:
     port = int(text)
     if not 1 <= port <= 65535:

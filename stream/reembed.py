@@ -17,26 +17,17 @@ from agents.embedding_cache import EmbeddingCache
 from agents.reembed import BATCH, ReembedReport, StoreBusy, reembed
 from agents.store import open_database
 from agents.store.errors import explained
+from stream.cli import positive_int
 from stream.config import load_settings, redact_url
 
 # Without a terminal (a log file, a CI job), a progress line at most this often.
 PROGRESS_EVERY_S = 10.0
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML config file (environment variables override it)")
     p.add_argument("--tenant", help="only this tenant's conversations")
-    p.add_argument("--batch", type=_positive, default=BATCH,
+    p.add_argument("--batch", type=positive_int, default=BATCH,
                    help=f"conversations per scan page, embedder call and transaction (default {BATCH})")
     p.add_argument("--dry-run", action="store_true",
                    help="count the conversations that would be rewritten, by reason; write nothing")

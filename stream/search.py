@@ -12,27 +12,18 @@ import orjson
 
 from agents.store import create_pool
 from agents.store.search import DEFAULT_EF_SEARCH, CorpusSearch, Hit
+from stream.cli import positive_int
 from stream.config import ConfigError, load_settings, redact_url
 
 SNIPPET_CHARS = 200
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", help="what to look for, in the words a conversation would use")
     p.add_argument("--config", type=Path, help="YAML config file (environment variables override it)")
     p.add_argument("--tenant", help="only this tenant's conversations")
-    p.add_argument("--k", type=_positive, default=20, help="how many chunks (default 20)")
-    p.add_argument("--ef-search", type=_positive, default=DEFAULT_EF_SEARCH,
+    p.add_argument("--k", type=positive_int, default=20, help="how many chunks (default 20)")
+    p.add_argument("--ef-search", type=positive_int, default=DEFAULT_EF_SEARCH,
                    help="HNSW candidate list: higher finds more of the true nearest, slower "
                    f"(default {DEFAULT_EF_SEARCH})")
     p.add_argument("--json", action="store_true", help="one JSON object per chunk instead of text")
