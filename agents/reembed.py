@@ -80,12 +80,10 @@ async def reembed(
     while page := await table.scan_chunks(tenant_id=tenant_id, after=after, limit=batch):
         after = page[-1].key
         report.scanned += len(page)
-        stale: list[StoredChunks] = []
-        for stored in page:
-            why = stored.mismatch(embedder.model_id)
-            if why is not None:
-                report.mismatched[why] += 1
-                stale.append(stored)
+        # Re-chunking a page to compare is CPU work: off the event loop, like the embedding.
+        reasons = await asyncio.to_thread(_mismatches, page, embedder.model_id)
+        stale = [s for s, why in zip(page, reasons, strict=True) if why is not None]
+        report.mismatched.update(why for why in reasons if why is not None)
         if stale and not dry_run:
             embedded, _ = await asyncio.to_thread(embed_batch, embedder, [s.conversation for s in stale], cache)
             rewritten = await _rewrite(store, embedded, {s.key: s.stored_at for s in stale}, embedder.model_id)
@@ -98,9 +96,15 @@ async def reembed(
     return report
 
 
+def _mismatches(page: list[StoredChunks], embedder_id: str) -> list[Mismatch | None]:
+    return [stored.mismatch(embedder_id) for stored in page]
+
+
 async def _rewrite(
     store: PgEvidenceStore, embedded: list[EmbeddedConversation], read: dict[Key, datetime], embedder_id: str
 ) -> int:
+    # A few linear back-offs, written out as `agents/llm_stage.py` does its retries: the project
+    # has no retry library, and this one loop does not justify adding one.
     for attempt in range(1, ATTEMPTS + 1):
         try:
             return len(await store.rewrite(embedded, read, embedder_id))

@@ -37,6 +37,20 @@ WHERE c.revision <= EXCLUDED.revision
 """
 
 
+# One page of `scan` and `scan_chunks` (conversations aliased `c`): a tenant's or everyone's, after
+# a key, in key order. Arguments: `_page_args`.
+_PAGE_SQL = """
+WHERE ($1::text IS NULL OR c.tenant_id = $1)
+  AND ($2::text IS NULL OR (c.tenant_id, c.conversation_id) > ($2, $3))
+ORDER BY c.tenant_id, c.conversation_id
+LIMIT $4
+"""
+
+
+def _page_args(tenant_id: str | None, after: Key | None, limit: int) -> tuple[str | None, str | None, str | None, int]:
+    return tenant_id, after[0] if after else None, after[1] if after else None, limit
+
+
 class StoreMismatch(ValueError):
     """Stored chunks that cannot serve this process: another embedder, or another chunker."""
 
@@ -186,16 +200,8 @@ class ConversationsTable:
     ) -> list[Conversation]:
         """Stored conversations (turns, metadata, no chunks) in (tenant, conversation) order, a page
         at a time like `keys`."""
-        rows = await self._pool.fetch(
-            """
-            SELECT * FROM conversations
-            WHERE ($1::text IS NULL OR tenant_id = $1)
-              AND ($2::text IS NULL OR (tenant_id, conversation_id) > ($2, $3))
-            ORDER BY tenant_id, conversation_id
-            LIMIT $4
-            """,
-            tenant_id, after[0] if after else None, after[1] if after else None, limit,
-        )
+        rows = await self._pool.fetch("SELECT c.* FROM conversations c" + _PAGE_SQL,
+                                      *_page_args(tenant_id, after, limit))
         return [_conversation(r) for r in rows]
 
     async def count(self, *, tenant_id: str | None = None) -> int:
@@ -217,12 +223,8 @@ class ConversationsTable:
                 FROM chunks x
                 WHERE x.tenant_id = c.tenant_id AND x.conversation_id = c.conversation_id AND x.revision = c.revision
             ) ch
-            WHERE ($1::text IS NULL OR c.tenant_id = $1)
-              AND ($2::text IS NULL OR (c.tenant_id, c.conversation_id) > ($2, $3))
-            ORDER BY c.tenant_id, c.conversation_id
-            LIMIT $4
-            """,
-            tenant_id, after[0] if after else None, after[1] if after else None, limit,
+            """ + _PAGE_SQL,
+            *_page_args(tenant_id, after, limit),
         )
         return [
             StoredChunks(_conversation(r), r["stored_at"], (r["embedder"], *r["embedders"]), tuple(r["texts"]))
