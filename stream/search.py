@@ -11,6 +11,7 @@ import asyncpg
 import orjson
 
 from agents.store import create_pool
+from agents.store.errors import explained
 from agents.store.search import DEFAULT_EF_SEARCH, CorpusSearch, Hit
 from stream.cli import positive_int
 from stream.config import ConfigError, load_settings, redact_url
@@ -36,22 +37,29 @@ def run(args: argparse.Namespace) -> int:
     embedder = load_embedder(settings.models.embedder)
     query = embedder.embed([args.text])[0]
     dsn = settings.database_url.get_secret_value()
+    where = redact_url(dsn)
 
     async def go() -> list[Hit]:
-        pool = await create_pool(dsn, max_size=1)
-        try:
-            return await CorpusSearch(pool).search(
-                query, embedder.model_id, k=args.k, tenant_id=args.tenant, ef_search=args.ef_search
-            )
-        finally:
-            await pool.close()
+        # A search reads and never migrates. Any database failure is the one line that every
+        # command which connects gives (bad password, unreachable host, ...).
+        async with explained(where):
+            conn = await asyncpg.connect(dsn)
+            try:
+                # Checked first: a pool cannot even open on a database without the vector type.
+                migrated = await conn.fetchval("SELECT to_regclass('chunks') IS NOT NULL")
+            finally:
+                await conn.close()
+            if not migrated:
+                raise ConfigError(f"database {where} has no chunks table: run `flexor migrate`")
+            pool = await create_pool(dsn, max_size=1)
+            try:
+                return await CorpusSearch(pool).search(
+                    query, embedder.model_id, k=args.k, tenant_id=args.tenant, ef_search=args.ef_search
+                )
+            finally:
+                await pool.close()
 
-    try:
-        hits = asyncio.run(go())
-    except asyncpg.UndefinedTableError:
-        raise ConfigError(f"database {redact_url(dsn)} has no chunks table: run `flexor migrate`") from None
-    except (OSError, asyncpg.PostgresError) as e:
-        raise ConfigError(f"database {redact_url(dsn)}: {e}") from None
+    hits = asyncio.run(go())
     for rank, h in enumerate(hits, 1):
         if args.json:
             print(orjson.dumps(h.as_dict()).decode())

@@ -1,6 +1,7 @@
 """Operator findings (issue 15): a bad DATABASE_URL, a server without pgvector, or a role that may
-not create it makes `flexor migrate` and `flexor serve` exit non-zero with ONE line that says what
-to fix (no traceback, no password), and a failed migrate leaves no `schema_migrations` behind.
+not create it makes `flexor migrate` and `flexor serve` (and the other commands that connect:
+search, reembed, backfill) exit non-zero with ONE line that says what to fix (no traceback, no
+password), and a failed migrate leaves no `schema_migrations` behind.
 
 The commands run as subprocesses, from a directory outside the repository (which `flexor serve`
 must also survive: its default questions file is the packaged one).
@@ -27,12 +28,12 @@ PASSWORD = "s3cret-" + uuid.uuid4().hex[:6]
 WRONG = "wrong-" + uuid.uuid4().hex[:6]
 
 
-def run_flexor(command: str, database_url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_flexor(command: str, database_url: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXOR_") and k != "KAFKA_BOOTSTRAP_SERVERS"}
     env["DATABASE_URL"] = database_url
     env["KAFKA_BOOTSTRAP_SERVERS"] = "127.0.0.1:1"  # never reached: the database fails first
     return subprocess.run(
-        [str(Path(sys.executable).parent / "flexor"), command], env=env, cwd=cwd, capture_output=True, text=True,
+        [str(Path(sys.executable).parent / "flexor"), command, *args], env=env, cwd=cwd, capture_output=True, text=True,
         timeout=120, check=False,
     )
 
@@ -159,6 +160,37 @@ async def test_role_that_may_not_create_pgvector_is_told_what_to_run(
     assert await has_table(admin_url, "schema_migrations")
 
 
-def test_unreachable_server_is_one_line(tmp_path: Path) -> None:
-    line = error_line(run_flexor("migrate", "postgresql://postgres@127.0.0.1:1/postgres", tmp_path), "migrate")
-    assert "cannot reach PostgreSQL" in line and "127.0.0.1:1" in line, line
+@pytest.mark.parametrize("argv", [["migrate"], ["search", "refund"], ["reembed"], ["backfill"]], ids=lambda a: a[0])
+def test_unreachable_server_is_one_line(argv: list[str], tmp_path: Path) -> None:
+    line = error_line(run_flexor(*argv[:1], "postgresql://postgres@127.0.0.1:1/postgres", tmp_path, *argv[1:]),
+                      argv[0])
+    assert "cannot reach PostgreSQL" in line and "127.0.0.1:1" in line and "check the host and port" in line, line
+
+
+def test_search_wrong_password_is_one_line(password_postgres: EmbeddedPostgres, tmp_path: Path) -> None:
+    proc = run_flexor("search", password_postgres.url.replace(PASSWORD, WRONG), tmp_path, "refund")
+    line = error_line(proc, "search")
+    assert "password authentication failed" in line and "fix the password in DATABASE_URL" in line, line
+    assert WRONG not in proc.stdout + proc.stderr and PASSWORD not in proc.stdout + proc.stderr
+
+
+async def test_search_on_a_database_never_migrated_says_to_migrate(infra: Endpoints, tmp_path: Path) -> None:
+    """A search never migrates; a pool cannot open where the vector type does not exist yet, which
+    asyncpg reported as `unknown type: public.vector`."""
+    name = f"fresh_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(infra.postgres_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = infra.postgres_url.rsplit("/", 1)[0] + "/" + name
+    try:
+        line = error_line(run_flexor("search", url, tmp_path, "refund"), "search")
+        assert line.endswith("has no chunks table: run `flexor migrate`"), line
+        assert not await has_table(url, "schema_migrations"), "a search migrated the database"
+    finally:
+        admin = await asyncpg.connect(infra.postgres_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
