@@ -19,6 +19,8 @@ EXAMPLES = Path(str(importlib.resources.files("examples")))
 
 
 class _Parser(argparse.ArgumentParser):
+    commands: dict[str, argparse.ArgumentParser]  # the top parser's subcommands, by name
+
     def error(self, message: str) -> NoReturn:  # one line, not the usage block
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -44,6 +46,26 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0")
     return value
 
 
@@ -228,7 +250,7 @@ COMMANDS = {
 }
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> _Parser:
     """The full parser; a delegated command's own arguments (and its imports: sklearn, torch) are
     loaded only when `command` names it, so `flexor serve` and `flexor --help` start fast."""
     parser = _Parser(
@@ -236,6 +258,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Flexor Stream: evidence-grounded yes/no answers for conversation streams.",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    parser.commands = sub.choices
     for name, (help_text, target) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         if name == "up":
@@ -265,14 +288,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         elif name == "produce":
             _config_args(p)
             p.add_argument("file", type=Path, help="JSONL or JSONL.gz: conversation.v1 or the labelled-data format")
-            p.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
-            p.add_argument("--limit", type=int, default=None, help="produce at most N events")
+            p.add_argument("--rate", type=_positive_float, default=None,
+                           help="events per second (default: as fast as possible)")
+            p.add_argument("--limit", type=positive_int, default=None, help="produce at most N events")
             p.add_argument("--topic", help="target topic (default: topics.input)")
         elif name == "tail":
             _config_args(p)
             p.add_argument("--topic", help="topic to read (default: topics.output)")
             p.add_argument("--from-beginning", action="store_true", help="start at the oldest event")
-            p.add_argument("--limit", type=int, default=0, help="stop after N events")
+            p.add_argument("--limit", type=_non_negative_int, default=0, help="stop after N events (default 0: never)")
             p.add_argument("--summary", action="store_true", help="one line per event instead of JSON")
         elif name == "dlq":
             _config_args(p)
@@ -306,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
         parser = build_parser(command)
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # argparse would report these as `flexor: error:`, without the command's name
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
         target = args._target
         if isinstance(target, str):
             # Tools under agents/ may not import stream: they get the settings through args.

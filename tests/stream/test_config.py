@@ -373,15 +373,19 @@ def test_cli_serve_with_bad_env_value_names_the_field_and_hides_secrets() -> Non
     "args, names",
     [
         (("produce", "x.jsonl", "--rate", "fast"), ("--rate", "fast")),
+        (("produce", "x.jsonl", "--rate", "0"), ("--rate", "above 0")),
+        (("produce", "x.jsonl", "--limit", "-1"), ("--limit", "'-1'")),
         (("produce", "x.jsonl", "--bogus"), ("--bogus",)),
         (("produce",), ("file",)),
+        (("tail", "--limit", "-2"), ("--limit", "'-2'")),
+        (("tail", "--from", "3"), ("--from 3",)),
     ],
 )
-def test_cli_produce_with_bad_arguments(args: tuple[str, ...], names: tuple[str, ...]) -> None:
+def test_cli_bad_arguments_are_one_line_naming_the_command(args: tuple[str, ...], names: tuple[str, ...]) -> None:
     r = run_cli(*args)
     assert r.returncode == 2
     line = one_line(r.stderr)
-    assert "error" in line
+    assert line.startswith(f"flexor {args[0]}: error:"), line  # names the command, also for unknown options
     for name in names:  # says what to fix
         assert name in line
 
