@@ -49,16 +49,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 0")
-    return value
-
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -296,7 +286,7 @@ def build_parser(command: str | None = None) -> _Parser:
             _config_args(p)
             p.add_argument("--topic", help="topic to read (default: topics.output)")
             p.add_argument("--from-beginning", action="store_true", help="start at the oldest event")
-            p.add_argument("--limit", type=_non_negative_int, default=0, help="stop after N events (default 0: never)")
+            p.add_argument("--limit", type=positive_int, default=None, help="stop after N events (default: never)")
             p.add_argument("--summary", action="store_true", help="one line per event instead of JSON")
         elif name == "dlq":
             _config_args(p)

@@ -377,7 +377,7 @@ def test_cli_serve_with_bad_env_value_names_the_field_and_hides_secrets() -> Non
         (("produce", "x.jsonl", "--limit", "-1"), ("--limit", "'-1'")),
         (("produce", "x.jsonl", "--bogus"), ("--bogus",)),
         (("produce",), ("file",)),
-        (("tail", "--limit", "-2"), ("--limit", "'-2'")),
+        (("tail", "--limit", "0"), ("--limit", "'0'")),
         (("tail", "--from", "3"), ("--from 3",)),
     ],
 )

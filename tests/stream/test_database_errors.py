@@ -174,23 +174,9 @@ def test_search_wrong_password_is_one_line(password_postgres: EmbeddedPostgres, 
     assert WRONG not in proc.stdout + proc.stderr and PASSWORD not in proc.stdout + proc.stderr
 
 
-async def test_search_on_a_database_never_migrated_says_to_migrate(infra: Endpoints, tmp_path: Path) -> None:
+async def test_search_on_a_database_never_migrated_says_to_migrate(database: str, tmp_path: Path) -> None:
     """A search never migrates; a pool cannot open where the vector type does not exist yet, which
     asyncpg reported as `unknown type: public.vector`."""
-    name = f"fresh_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(infra.postgres_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = infra.postgres_url.rsplit("/", 1)[0] + "/" + name
-    try:
-        line = error_line(run_flexor("search", url, tmp_path, "refund"), "search")
-        assert line.endswith("has no chunks table: run `flexor migrate`"), line
-        assert not await has_table(url, "schema_migrations"), "a search migrated the database"
-    finally:
-        admin = await asyncpg.connect(infra.postgres_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    line = error_line(run_flexor("search", database, tmp_path, "refund"), "search")
+    assert line.endswith("has no chunks table: run `flexor migrate`"), line
+    assert not await has_table(database, "schema_migrations"), "a search migrated the database"
