@@ -48,6 +48,11 @@ class Chunk:
     text: str
     first_turn: int  # index of the first turn in the window (turn position feature)
 
+    @property
+    def from_customer(self) -> bool:
+        """Whether a customer turn is in the chunk (with one chunk per turn: whether it is the customer's)."""
+        return any(s.lower() in CUSTOMER_SPEAKERS for s in self.speakers)
+
 
 def render_turn(turn: Turn) -> str:
     return f"{turn.speaker}: {turn.text}"

@@ -46,6 +46,14 @@ class StackedChunks:
             vectors = np.zeros((0, dim or 0), np.float32)
         return cls(vectors, starts, counts)
 
+    def select(self, keep: np.ndarray) -> StackedChunks:
+        """The rows where `keep` (a boolean per row) holds, still grouped by conversation: one
+        side of every conversation at once. A conversation with no kept row reduces to 0."""
+        owner = np.repeat(np.arange(len(self.counts)), self.counts)
+        counts = np.bincount(owner[keep], minlength=len(self.counts)).astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if len(counts) else counts
+        return StackedChunks(self.vectors[keep], starts, counts)
+
     def __len__(self) -> int:
         return len(self.counts)
 

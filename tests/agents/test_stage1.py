@@ -43,7 +43,7 @@ def batch():  # type: ignore[no-untyped-def]
 
 
 def reference_features(bank: np.ndarray, ec: EmbeddedConversation) -> np.ndarray:
-    """The f3 recipe (agents/features.py), one conversation at a time."""
+    """The f5 recipe (agents/features.py), one conversation at a time."""
     v = ec.vectors
     d, p = v.shape[1], len(PHRASE_BANK)
     s = v @ bank.T
@@ -55,9 +55,14 @@ def reference_features(bank: np.ndarray, ec: EmbeddedConversation) -> np.ndarray
         sum(t.speaker == first for t in turns) / len(turns),
         np.log1p(sum(len(t.text) for t in turns) / len(turns)),
     ]
-    row = [v.mean(0), v.max(0), s.max(0), s.mean(0), s[-TAIL_CHUNKS:].max(0), s.max(0) - s.mean(0), shape]
+    customer = np.array([any(sp in ("customer", "user") for sp in ch.speakers) for ch in ec.chunks], bool)
+    assert customer.any() and not customer.all()
+    sides = []
+    for side in (s[customer], s[~customer]):
+        sides += [side.max(0), side.mean(0)] if len(side) else [np.zeros(p), np.zeros(p)]
+    row = [v.mean(0), v.max(0), s.max(0), s.mean(0), s[-TAIL_CHUNKS:].max(0), s.max(0) - s.mean(0), *sides, shape]
     out = np.concatenate([np.asarray(r, np.float32) for r in row])
-    assert out.shape == (2 * d + 4 * p + 4,)
+    assert out.shape == (2 * d + 8 * p + 4,)
     return out
 
 
