@@ -131,8 +131,8 @@ async def test_lifecycle_imports_half_the_labels_trains_backfills_and_scores_the
         assert set(got) == set(want)
         for q, (p, r, f) in want.items():
             assert (got[q].precision, got[q].recall, got[q].f1) == pytest.approx((p, r, f)), q
-    # Measured on every run (the heads are seeded, the embedder deterministic): macro-F1 0.64 -> 0.73
-    # with one chunk per turn (0.63 -> 0.79 with 3-turn windows). Heads that did not take effect,
+    # Measured on every run (the heads are seeded, the embedder deterministic): macro-F1 0.64 -> 0.75
+    # with features f5 (0.73 with f4, 0.63 -> 0.79 with 3-turn windows). Heads that did not take effect,
     # or a backfill that answered nothing, leave after == before.
     assert macro_f1(result.after) > macro_f1(result.before) + 0.05
     assert any(line.startswith("labels import: ") for line in lines)
