@@ -7,11 +7,11 @@ on one version refuses to score with another.
 Recipe ``f5`` (one row per conversation) is ``f4``'s plus the phrase bank per side: per phrase
 the max and the mean over the customer's chunks, and the same over the agent's. "Is there
 anything else?" is a request for other options from the customer and a sign-off from the agent;
-``f4`` matched both sides at once. With 200 labels per question it lifted the four behaviour
-questions (failed booking, asked for alternatives, annoyed, changed their mind) by 0.010
-macro-F1 over three selection seeds (``docs/learning.md``). ``f4`` is ``f3``'s on one chunk per
-turn (``f3``'s chunks were 3-turn windows: a head of either version would read the other's
-vectors wrongly, so it refuses):
+``f4`` matched both sides at once. With 200 labels per question, replayed in memory over three
+selection seeds, it lifted the four behaviour questions (failed booking, asked for
+alternatives, annoyed, changed their mind) by 0.010 of macro-F1 (``docs/learning.md``).
+``f4`` is ``f3``'s on one chunk per turn (``f3``'s chunks were 3-turn windows: a head of either
+version would read the other's vectors wrongly, so it refuses):
 - pooled chunk embeddings: mean and max over the conversation's chunks. (``f2`` also had the
   opening chunk, the closing chunk and the last quarter's mean: better in-domain, but on the
   evaluation split's multi-service conversations it missed intents that come second, e.g.
