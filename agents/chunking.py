@@ -27,6 +27,10 @@ MAX_CHUNK_CHARS = 1200
 CUSTOMER_SPEAKERS = frozenset({"user", "customer", "client", "caller"})
 
 
+def is_customer(speaker: str) -> bool:
+    return speaker.lower() in CUSTOMER_SPEAKERS
+
+
 @dataclass(frozen=True, slots=True)
 class Turn:
     turn_id: str
@@ -35,7 +39,7 @@ class Turn:
 
     @property
     def from_customer(self) -> bool:
-        return self.speaker.lower() in CUSTOMER_SPEAKERS
+        return is_customer(self.speaker)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +55,7 @@ class Chunk:
     @property
     def from_customer(self) -> bool:
         """Whether a customer turn is in the chunk (with one chunk per turn: whether it is the customer's)."""
-        return any(s.lower() in CUSTOMER_SPEAKERS for s in self.speakers)
+        return any(map(is_customer, self.speakers))
 
 
 def render_turn(turn: Turn) -> str:

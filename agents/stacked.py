@@ -29,6 +29,11 @@ def rowwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("ij,jk->ik", a, b)
 
 
+def _starts(counts: np.ndarray) -> np.ndarray:
+    """First row of each conversation, given its row count."""
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if len(counts) else counts
+
+
 @dataclass(frozen=True, slots=True)
 class StackedChunks:
     vectors: np.ndarray  # (chunks, dim): every conversation's rows, in conversation order
@@ -38,7 +43,7 @@ class StackedChunks:
     @classmethod
     def of(cls, convs: Sequence[EmbeddedConversation], dim: int | None = None) -> StackedChunks:
         counts = np.fromiter((len(c.vectors) for c in convs), np.int64, count=len(convs))
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if len(convs) else counts
+        starts = _starts(counts)
         mats = [c.vectors for c in convs if len(c.vectors)]
         if mats:
             vectors = np.concatenate(mats).astype(np.float32, copy=False)
@@ -51,8 +56,7 @@ class StackedChunks:
         side of every conversation at once. A conversation with no kept row reduces to 0."""
         owner = np.repeat(np.arange(len(self.counts)), self.counts)
         counts = np.bincount(owner[keep], minlength=len(self.counts)).astype(np.int64)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if len(counts) else counts
-        return StackedChunks(self.vectors[keep], starts, counts)
+        return StackedChunks(self.vectors[keep], _starts(counts), counts)
 
     def __len__(self) -> int:
         return len(self.counts)
