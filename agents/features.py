@@ -9,7 +9,8 @@ the max and the mean over the customer's chunks, and the same over the agent's. 
 anything else?" is a request for other options from the customer and a sign-off from the agent;
 ``f4`` matched both sides at once. With 200 labels per question, replayed in memory over three
 selection seeds, it lifted the four behaviour questions (failed booking, asked for
-alternatives, annoyed, changed their mind) by 0.010 of macro-F1 (``docs/learning.md``).
+alternatives, annoyed, changed their mind) by 0.010 of macro-F1; ``flexor bench --learn`` over
+three seeds did not confirm it (0.830 against ``f4``'s 0.834 at 200 labels, ``docs/learning.md``).
 ``f4`` is ``f3``'s on one chunk per turn (``f3``'s chunks were 3-turn windows: a head of either
 version would read the other's vectors wrongly, so it refuses):
 - pooled chunk embeddings: mean and max over the conversation's chunks. (``f2`` also had the
